@@ -1,0 +1,5 @@
+"""The JEM-family models, one public class per file."""
+
+from keras_jem.models.jem import JEM
+from keras_jem.models.jem_pp import JEMPP
+from keras_jem.models.sada_jem import SADAJEM

@@ -1,0 +1,319 @@
+"""The persistent-chain replay buffer, held in Keras variables."""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_jem.sampling import noise
+
+INITIALIZATIONS = ("uniform", "gaussian_mixture")
+COVARIANCES = ("full", "diagonal")
+
+
+@keras.saving.register_keras_serializable(package="keras_jem")
+class ReplayBuffer(keras.layers.Layer):
+    """A replay buffer of persistent Markov chains for contrastive-divergence training.
+
+    The chains live in a non-trainable Keras variable `images` of shape `(size, *image_shape)`, so
+    they are saved by `model.save`, `model.save_weights` and `BackupAndRestore` with the model.
+    Each training step:
+
+    1. `draw` picks `batch_size` chains (distinct chains, or for class-conditional sampling a
+       random chain in the block of each label: the buffer is split into `num_classes` contiguous
+       blocks of `size / num_classes`), and replaces each of them with a fresh start with
+       probability `reinit_probability`;
+    2. the sampler runs the chains;
+    3. `write` stores the final states back at the same indices.
+
+    Fresh starts are uniform in `value_range` (JEM) or drawn from a per-class Gaussian fitted to
+    the training data (`initialization="gaussian_mixture"`, JEM++/SADA-JEM's informative init);
+    the latter requires `adapt(images, labels)` once before training.
+
+    Args:
+        size: number of chains (papers: 10000).
+        initialization: `"uniform"` or `"gaussian_mixture"`.
+        reinit_probability: probability that a drawn chain restarts from a fresh sample (0.05).
+        num_classes: number of classes; required for class-conditional draws and the Gaussian
+            mixture.
+        value_range: `(low, high)` of the data; fresh samples are clipped to it.
+        covariance: `"full"` (the papers) or `"diagonal"` (for large images/many classes, where
+            full covariances do not fit in memory) for the Gaussian mixture.
+        jitter: added to the covariance diagonal before the Cholesky factorisation (1e-4).
+        seed: seed of the uniform initial buffer.
+
+    Example:
+
+    >>> buffer = ReplayBuffer(size=1000, num_classes=10)
+    >>> buffer.build((8, 8, 1))
+    >>> indices, x0, reinit = buffer.draw(64, seed=tf.constant([0, 1], "int64"))
+    >>> buffer.write(indices, sampler(model, x0))
+    """
+
+    def __init__(
+        self,
+        size=10000,
+        initialization="uniform",
+        reinit_probability=0.05,
+        num_classes=None,
+        value_range=(-1.0, 1.0),
+        covariance="full",
+        jitter=1e-4,
+        seed=None,
+        **kwargs,
+    ):
+        kwargs.setdefault("trainable", False)
+        super().__init__(**kwargs)
+        if int(size) != size or size < 1:
+            raise ValueError(f"`size` must be a positive integer. Received: size={size}")
+        if initialization not in INITIALIZATIONS:
+            raise ValueError(
+                f"`initialization` must be one of {INITIALIZATIONS}. "
+                f"Received: initialization={initialization!r}"
+            )
+        if not 0.0 <= reinit_probability <= 1.0:
+            raise ValueError(
+                "`reinit_probability` must be in [0, 1]. "
+                f"Received: reinit_probability={reinit_probability}"
+            )
+        if num_classes is not None and (int(num_classes) != num_classes or num_classes < 1):
+            raise ValueError(f"`num_classes` must be a positive integer. Received: {num_classes}")
+        if initialization == "gaussian_mixture" and num_classes is None:
+            raise ValueError(
+                "`initialization='gaussian_mixture'` fits one Gaussian per class and needs "
+                "`num_classes`. Received: num_classes=None"
+            )
+        if covariance not in COVARIANCES:
+            raise ValueError(
+                f"`covariance` must be one of {COVARIANCES}. Received: covariance={covariance!r}"
+            )
+        low, high = (float(v) for v in value_range)
+        if not low < high:
+            raise ValueError(f"`value_range` must be (low, high). Received: {value_range}")
+        self.size = int(size)
+        self.initialization = initialization
+        self.reinit_probability = float(reinit_probability)
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.value_range = (low, high)
+        self.covariance = covariance
+        self.jitter = float(jitter)
+        self.seed = seed
+
+    def build(self, image_shape):
+        image_shape = tuple(int(d) for d in image_shape)
+        if len(image_shape) != 3:
+            raise ValueError(
+                "ReplayBuffer.build expects the shape of one image (height, width, channels). "
+                f"Received: {image_shape}"
+            )
+        self.image_shape = image_shape
+        self.images = self.add_weight(
+            name="images",
+            shape=(self.size,) + image_shape,
+            initializer=keras.initializers.RandomUniform(*self.value_range, seed=self.seed),
+            trainable=False,
+            autocast=False,
+        )
+        if self.initialization == "gaussian_mixture":
+            dim = math.prod(image_shape)
+            scale_shape = (self.num_classes, dim, dim) if self.covariance == "full" else (
+                self.num_classes, dim)
+            self.class_means = self.add_weight(
+                name="class_means", shape=(self.num_classes, dim), initializer="zeros",
+                trainable=False, autocast=False,
+            )
+            self.class_scales = self.add_weight(
+                name="class_scales", shape=scale_shape, initializer="zeros", trainable=False,
+                autocast=False,
+            )
+            self.adapted = self.add_weight(
+                name="adapted", shape=(), initializer="zeros", trainable=False, autocast=False
+            )
+        self.built = True
+
+    # === Informative initialisation ===
+
+    @property
+    def is_adapted(self):
+        if self.initialization != "gaussian_mixture":
+            return True
+        return bool(self.built and float(keras.ops.convert_to_numpy(self.adapted)) > 0)
+
+    def adapt(self, images, labels, seed=0):
+        """Fits one Gaussian per class to `images` and refills the buffer from the mixture.
+
+        Args:
+            images: float array `(n, *image_shape)` in `value_range`.
+            labels: int array `(n,)` in `[0, num_classes)`.
+            seed: seed for the refill.
+        """
+        images = np.asarray(images, np.float64)
+        labels = np.asarray(labels).astype(np.int64).reshape(-1)
+        if not self.built:
+            self.build(images.shape[1:])
+        if images.shape[1:] != self.image_shape or len(images) != len(labels):
+            raise ValueError(
+                f"`adapt` expects images of shape (n, {self.image_shape}) and n labels. "
+                f"Received images {images.shape} and labels {labels.shape}"
+            )
+        num_classes = self.num_classes or int(labels.max()) + 1
+        flat = images.reshape(len(images), -1)
+        dim = flat.shape[1]
+        means = np.zeros((num_classes, dim))
+        scales = np.zeros((num_classes, dim, dim) if self.covariance == "full" else (
+            num_classes, dim))
+        for c in range(num_classes):
+            members = flat[labels == c]
+            if len(members) < 2:
+                raise ValueError(
+                    f"`adapt` needs at least 2 images of every class; class {c} has "
+                    f"{len(members)}."
+                )
+            means[c] = members.mean(axis=0)
+            centered = members - means[c]
+            if self.covariance == "full":
+                cov = centered.T @ centered / (len(members) - 1) + self.jitter * np.eye(dim)
+                scales[c] = np.linalg.cholesky(cov)
+            else:
+                scales[c] = np.sqrt(centered.var(axis=0, ddof=1) + self.jitter)
+        if self.initialization == "gaussian_mixture":
+            self.class_means.assign(means.astype(np.float32))
+            self.class_scales.assign(scales.astype(np.float32))
+            self.adapted.assign(1.0)
+            self.images.assign(
+                self._numpy_mixture_samples(means, scales, seed).astype(np.float32)
+            )
+        return means, scales
+
+    def _numpy_mixture_samples(self, means, scales, seed):
+        rng = np.random.default_rng(seed)
+        num_classes, dim = means.shape
+        block = self.size // num_classes
+        labels = np.concatenate(
+            [np.repeat(np.arange(num_classes), block),
+             rng.integers(0, num_classes, self.size - block * num_classes)]
+        )
+        z = rng.standard_normal((self.size, dim))
+        if scales.ndim == 3:
+            samples = means[labels] + np.einsum("nij,nj->ni", scales[labels], z)
+        else:
+            samples = means[labels] + scales[labels] * z
+        samples = np.clip(samples, *self.value_range)
+        return samples.reshape((self.size,) + self.image_shape)
+
+    def reset(self, seed=None):
+        """Refills every chain with fresh samples (e.g. for sampling from scratch)."""
+        seed = tf.constant([0 if seed is None else seed, 7], tf.int64)
+        for start in range(0, self.size, 1024):
+            count = min(1024, self.size - start)
+            labels = None
+            if self.num_classes is not None and self.initialization == "gaussian_mixture":
+                block = self.size // self.num_classes
+                labels = tf.minimum(
+                    tf.range(start, start + count) // max(block, 1), self.num_classes - 1)
+            fresh = self.fresh_samples(count, labels=labels, seed=noise.fold_in(seed, start))
+            self.images.value[start:start + count].assign(fresh)
+
+    # === Chains ===
+
+    def fresh_samples(self, batch_size, labels=None, seed=None):
+        """Fresh chain starts: uniform noise, or the class Gaussians (labels random if None)."""
+        if seed is None:
+            seed = tf.random.uniform((2,), maxval=2**31 - 1, dtype=tf.int64)
+        shape = (batch_size,) + self.image_shape
+        if self.initialization == "uniform":
+            return tf.random.stateless_uniform(
+                shape, seed, minval=self.value_range[0], maxval=self.value_range[1]
+            )
+        if labels is None:
+            labels = tf.random.stateless_uniform(
+                (batch_size,), noise.fold_in(seed, 1), maxval=self.num_classes, dtype=tf.int32
+            )
+        labels = tf.cast(labels, tf.int32)
+        dim = math.prod(self.image_shape)
+        z = tf.random.stateless_normal((batch_size, dim), noise.fold_in(seed, 2))
+        means = tf.gather(self.class_means, labels)
+        if self.covariance == "full":
+            # (batch, classes, dim) then pick each example's class: never materialises the
+            # (batch, dim, dim) gathered factors.
+            per_class = tf.einsum("bj,cij->bci", z, tf.convert_to_tensor(self.class_scales))
+            offsets = tf.gather(per_class, labels, axis=1, batch_dims=1)
+        else:
+            offsets = tf.gather(self.class_scales, labels) * z
+        samples = tf.clip_by_value(means + offsets, *self.value_range)
+        return tf.reshape(samples, shape)
+
+    def _check_draw(self, batch_size, labels):
+        if isinstance(batch_size, int) and batch_size > self.size:
+            raise ValueError(
+                f"The replay buffer holds {self.size} chains, fewer than the batch of "
+                f"{batch_size} drawn from it. Use a buffer at least as large as the batch."
+            )
+        if labels is not None:
+            if self.num_classes is None:
+                raise ValueError(
+                    "Class-conditional draws need a buffer built with `num_classes`."
+                )
+            if self.size % self.num_classes:
+                raise ValueError(
+                    f"Class-conditional sampling splits the buffer into {self.num_classes} "
+                    f"equal blocks, but size={self.size} is not divisible by "
+                    f"num_classes={self.num_classes}. Use a multiple of {self.num_classes}."
+                )
+
+    def draw(self, batch_size, labels=None, seed=None):
+        """Draws chains to continue.
+
+        Args:
+            batch_size: number of chains (a Python int).
+            labels: optional int tensor `(batch_size,)`: draw each chain from its class block.
+            seed: stateless seed, int64 `(2,)`.
+
+        Returns:
+            `(indices, images, reinitialized)`: buffer indices `(batch_size,)`, the starting
+            images, and a boolean mask of the chains that restarted from a fresh sample.
+        """
+        self._check_draw(batch_size, labels)
+        if seed is None:
+            seed = tf.random.uniform((2,), maxval=2**31 - 1, dtype=tf.int64)
+        if labels is None:
+            # Distinct chains: the top-k of random keys is a draw without replacement.
+            keys = tf.random.stateless_uniform((self.size,), noise.fold_in(seed, 0))
+            indices = tf.math.top_k(keys, batch_size, sorted=False).indices
+        else:
+            block = self.size // self.num_classes
+            offsets = tf.random.stateless_uniform(
+                (batch_size,), noise.fold_in(seed, 0), maxval=block, dtype=tf.int32
+            )
+            indices = tf.cast(labels, tf.int32) * block + offsets
+        images = tf.gather(self.images, indices)
+        reinitialized = (
+            tf.random.stateless_uniform((batch_size,), noise.fold_in(seed, 1))
+            < self.reinit_probability
+        )
+        if self.reinit_probability > 0:
+            fresh = self.fresh_samples(batch_size, labels=labels, seed=noise.fold_in(seed, 2))
+            images = tf.where(reinitialized[:, None, None, None], fresh, images)
+        return indices, images, reinitialized
+
+    def write(self, indices, images):
+        """Writes the final chain states back to `indices`."""
+        images = tf.cast(tf.stop_gradient(images), self.images.dtype)
+        self.images.value.scatter_update(tf.IndexedSlices(images, tf.cast(indices, tf.int32)))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "size": self.size,
+                "initialization": self.initialization,
+                "reinit_probability": self.reinit_probability,
+                "num_classes": self.num_classes,
+                "value_range": list(self.value_range),
+                "covariance": self.covariance,
+                "jitter": self.jitter,
+                "seed": self.seed,
+            }
+        )
+        return config
