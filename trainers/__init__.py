@@ -1,0 +1,1 @@
+"""Command-line trainers: `python -m trainers.fit`, `trainers.evaluate`, `trainers.sample`."""

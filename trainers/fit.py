@@ -1,0 +1,476 @@
+"""Train a Joint Energy-based Model from the command line.
+
+    python -m trainers.fit --model jem --model_dir runs/jem            # digits, offline, minutes
+    python -m trainers.fit --model jempp --dataset cifar10 --data_dir ~/tensorflow_datasets
+    python -m trainers.fit --model sadajem --dataset cifar10 --epochs 10 --learning_rate 0.05
+
+Every hyperparameter has a flag; unset flags take the preset of the model and dataset
+(`trainers/presets.py`, the papers' settings for CIFAR). The run directory receives the resolved
+`config.json`, TensorBoard logs, a PNG grid of samples per epoch, a backup that includes the
+replay buffer (an interrupted run resumes from it when the same command is run again), the
+final `model.keras` and `metrics.json`. A diverging run is rolled back to the last backup and
+continued with a new seed (at most `--max_rollbacks` times).
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from trainers import presets  # noqa: E402
+
+logger = logging.getLogger("trainers.fit")
+
+NORMS = ("none", "batch", "group", "instance", "layer")
+BACKBONES = ("small_cnn", "wrn")
+OPTIMIZERS = ("adam", "sgd")
+SAMPLERS = ("sgld", "proximal")
+AUGMENTS = ("crop_flip", "crop", "none")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; raised before any data is loaded or model built."""
+
+
+def _model_builders():
+    """Model name -> function(config, backbone, info) -> keras_jem model."""
+    import keras_jem
+
+    def jem_family(cls):
+        def build(config, backbone, info):
+            kwargs = dict(
+                backbone=backbone,
+                num_classes=info.num_classes,
+                sampler=build_sampler(config),
+                buffer_size=config["buffer_size"],
+                buffer_init=config["buffer_init"],
+                buffer_covariance=config["buffer_covariance"],
+                reinit_probability=config["reinit_probability"],
+                conditional_sampling=config["conditional_sampling"],
+                px_weight=config["px_weight"],
+                pyx_weight=config["pyx_weight"],
+                pxy_weight=config["pxy_weight"],
+                energy_l2_weight=config["energy_l2_weight"],
+                sample_in_training_mode=config["sample_in_training_mode"],
+                divergence_threshold=config["divergence_threshold"],
+                weight_decay=config["weight_decay"],
+                sam=build_sam(config),
+                seed=config["seed"],
+            )
+            return cls(**kwargs)
+
+        return build
+
+    builders = {
+        "softmax": jem_family(keras_jem.JEM),
+        "jem": jem_family(keras_jem.JEM),
+        "jempp": jem_family(keras_jem.JEMPP),
+        "sadajem": jem_family(keras_jem.SADAJEM),
+    }
+    builders.update(EXTRA_BUILDERS)
+    return builders
+
+
+# Models defined in their own modules register here: name -> builder(config, backbone, info).
+EXTRA_BUILDERS = {}
+
+
+def build_sampler(config):
+    from keras_jem import sampling
+
+    clip_range = (-1.0, 1.0) if config["clip_samples"] else None
+    if config["sampler"] == "proximal":
+        return sampling.ProximalSGLD(
+            num_steps=config["num_steps"],
+            inner_steps=config["inner_steps"],
+            step_size=config["step_size"],
+            gradient_clip=config["gradient_clip"],
+            clip_range=clip_range,
+            noise_scale=config["sampler_noise"],
+        )
+    return sampling.SGLD(
+        num_steps=config["num_steps"],
+        step_size=config["step_size"],
+        noise_scale=config["sampler_noise"],
+        gradient_clip=config["gradient_clip"],
+        clip_range=clip_range,
+    )
+
+
+def build_sam(config):
+    from keras_jem.optimizers import SAM
+
+    if not config["sam_rho"]:
+        return None
+    return SAM(rho=config["sam_rho"], adaptive=config["sam_adaptive"])
+
+
+def build_backbone(config):
+    from keras_jem import backbones
+
+    norm = None if config["norm"] == "none" else config["norm"]
+    if config["backbone"] == "wrn":
+        return backbones.WideResNet(
+            depth=config["depth"], width=config["width"], norm=norm,
+            dropout_rate=config["dropout_rate"],
+        )
+    return backbones.SmallCNN(norm=norm, dropout_rate=config["dropout_rate"])
+
+
+def build_optimizer(config, steps_per_epoch):
+    import keras
+
+    from keras_jem.optimizers import WarmupPiecewiseConstant
+
+    boundaries = [int(e) * steps_per_epoch for e in parse_epochs(config["decay_epochs"])]
+    schedule = WarmupPiecewiseConstant(
+        config["learning_rate"], warmup_steps=config["warmup_steps"], boundaries=boundaries,
+        factor=config["decay_factor"],
+    )
+    extra = {"clipnorm": config["clipnorm"]} if config["clipnorm"] else {}
+    if config["optimizer"] == "sgd":
+        return keras.optimizers.SGD(schedule, momentum=config["momentum"], **extra)
+    return keras.optimizers.Adam(
+        schedule, beta_1=config["beta_1"], beta_2=config["beta_2"], **extra
+    )
+
+
+def parse_epochs(text):
+    if text is None or str(text).strip() == "":
+        return []
+    try:
+        return sorted(int(e) for e in str(text).split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--decay_epochs must be comma-separated integers, e.g. '160,180'. Received: {text!r}"
+        )
+
+
+# === Arguments ===
+
+
+def _bool(text):
+    value = str(text).lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, received {text!r}")
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m trainers.fit",
+        description="Train JEM-family models. Unset flags take the model/dataset preset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="jem", choices=sorted(presets.PRESETS),
+                        help="model to train")
+    parser.add_argument("--dataset", default="digits", choices=sorted(presets.DATASET_FAMILIES),
+                        help="training data")
+    for flag, arguments in EXTRA_FLAGS.items():
+        parser.add_argument(f"--{flag}", **arguments)
+    for name, (kind, default, help_text) in presets.SETTINGS.items():
+        if kind is bool:
+            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
+                                default=None, help=f"{help_text} (preset: {default})")
+        else:
+            parser.add_argument(f"--{name}", type=kind, default=None,
+                                help=f"{help_text} (preset: {default})")
+    parser.add_argument("--print_config", action="store_true",
+                        help="print the resolved configuration and exit")
+    return parser
+
+
+# Flags of models defined in their own modules, e.g. GMMC's --mode: name -> argparse kwargs.
+EXTRA_FLAGS = {}
+
+
+def resolve_config(argv=None):
+    args = make_parser().parse_args(argv)
+    overrides = {
+        k: v for k, v in vars(args).items()
+        if k not in ("model", "dataset", "print_config") and v is not None
+    }
+    config = presets.resolve(args.model, args.dataset, overrides)
+    validate(config)
+    return config, args.print_config
+
+
+def validate(config):
+    """Raises ConfigError for settings that cannot work, before any work is done."""
+
+    def fail(message):
+        raise ConfigError(message)
+
+    choices = {
+        "backbone": BACKBONES, "norm": NORMS, "optimizer": OPTIMIZERS, "sampler": SAMPLERS,
+        "buffer_init": ("uniform", "gaussian_mixture"),
+        "buffer_covariance": ("full", "diagonal"),
+        "jit_compile": ("auto", "true", "false"),
+    }
+    for key, allowed in choices.items():
+        if config.get(key) not in allowed:
+            fail(f"--{key} must be one of {', '.join(allowed)}. Received: {config.get(key)!r}")
+    if config["augment"] is not None and config["augment"] not in AUGMENTS:
+        fail(f"--augment must be one of {', '.join(AUGMENTS)}. Received: {config['augment']!r}")
+    positive = ("epochs", "batch_size", "buffer_size", "learning_rate")
+    for key in positive:
+        if config[key] is None or config[key] <= 0:
+            fail(f"--{key} must be positive. Received: {config[key]}")
+    non_negative = ("step_size", "sampler_noise", "num_steps", "noise_scale",
+                    "test_noise_scale", "px_weight", "pyx_weight", "pxy_weight",
+                    "energy_l2_weight", "weight_decay", "warmup_steps", "num_validation",
+                    "sam_rho", "max_rollbacks", "sample_every")
+    for key in non_negative:
+        if config[key] is not None and config[key] < 0:
+            fail(f"--{key} must be non-negative. Received: {config[key]}")
+    for key in ("steps_per_epoch", "px_batch_size", "inner_steps"):
+        if config[key] is not None and config[key] <= 0:
+            fail(f"--{key} must be positive. Received: {config[key]}")
+    if config["gradient_clip"] is not None and config["gradient_clip"] <= 0:
+        fail(f"--gradient_clip must be positive. Received: {config['gradient_clip']}")
+    if not 0 <= config["reinit_probability"] <= 1:
+        fail(f"--reinit_probability must be in [0, 1]. Received: {config['reinit_probability']}")
+    if not 0 <= config["dropout_rate"] < 1:
+        fail(f"--dropout_rate must be in [0, 1). Received: {config['dropout_rate']}")
+    px_batch = config["px_batch_size"] or config["batch_size"]
+    if config["buffer_size"] < px_batch:
+        fail(
+            f"--buffer_size ({config['buffer_size']}) is smaller than the batch drawn from it "
+            f"each step ({px_batch}); it must be at least the batch size."
+        )
+    if config["backbone"] == "wrn" and (config["depth"] - 4) % 6:
+        fail(f"--depth must be 6n+4 (e.g. 16, 28). Received: {config['depth']}")
+    if config["save_freq"] != "epoch":
+        try:
+            if int(config["save_freq"]) <= 0:
+                raise ValueError
+        except ValueError:
+            fail(f"--save_freq must be 'epoch' or a positive number of steps. "
+                 f"Received: {config['save_freq']!r}")
+    if config["verbose"] not in ("auto", "0", "1", "2"):
+        fail(f"--verbose must be auto, 0, 1 or 2. Received: {config['verbose']!r}")
+    parse_epochs(config["decay_epochs"])
+    for check in EXTRA_VALIDATORS:
+        check(config, fail)
+    # Class-conditional sampling needs equal class blocks; the number of classes is known
+    # without loading data.
+    from keras_jem import data
+
+    num_classes = data.get_info(config["dataset"]).num_classes
+    if (config["conditional_sampling"] or config["pxy_weight"] > 0) and (
+        config["buffer_size"] % num_classes
+    ):
+        fail(
+            f"Class-conditional sampling splits the buffer into {num_classes} equal blocks, "
+            f"but --buffer_size={config['buffer_size']} is not divisible by {num_classes}."
+        )
+
+
+# Checks of models defined in their own modules: functions (config, fail).
+EXTRA_VALIDATORS = []
+
+
+# === Training ===
+
+
+def _jit_compile(config, model):
+    setting = config["jit_compile"]
+    if setting == "true":
+        return True
+    if setting == "false":
+        return False
+    # XLA pays off on convolution-heavy backbones; on the tiny digits CNN the compiled sampler
+    # loop is slower than the TF executor (tools/bench.py measures both).
+    use = config["backbone"] == "wrn"
+    logger.info("jit_compile=auto -> %s (backbone %s)", use, config["backbone"])
+    return use
+
+
+def load_data(config):
+    from keras_jem import data
+
+    kwargs = dict(data_dir=config["data_dir"], download=config["download"],
+                  manual_dir=config["manual_dir"])
+    train = data.load(config["dataset"], "train", **kwargs)
+    test = data.load(config["dataset"], "test", **kwargs)
+    validation = None
+    if config["num_validation"]:
+        train, validation = data.split_validation(*train, config["num_validation"])
+    return train, validation, test
+
+
+def build(config, info, train_images=None, train_labels=None, steps_per_epoch=1):
+    """Builds and compiles the model of `config` (under the current distribution scope)."""
+    model = _model_builders()[config["model"]](config, build_backbone(config), info)
+    model.build((None,) + tuple(info.image_shape))
+    if getattr(model, "buffer", None) is not None and model.buffer.initialization == (
+        "gaussian_mixture"
+    ):
+        model.adapt_buffer(train_images, train_labels, seed=config["seed"])
+    model.compile(optimizer=build_optimizer(config, steps_per_epoch),
+                  jit_compile=_jit_compile(config, model))
+    return model
+
+
+def run(config):
+    """Trains with `config` (a resolved, validated dict); returns the metrics dict."""
+    import keras
+    import numpy as np
+
+    import keras_jem
+    from keras_jem import callbacks as jem_callbacks
+    from keras_jem import data
+
+    model_dir = config["model_dir"]
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    keras.utils.set_random_seed(config["seed"])
+
+    info = data.get_info(config["dataset"])
+    (train_x, train_y), validation, (test_x, test_y) = load_data(config)
+    config = dict(config, image_shape=list(info.image_shape), num_classes=info.num_classes)
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+    batch_size = config["batch_size"]
+    px_batch_size = config["px_batch_size"] or batch_size
+    augment = config["augment"] or info.augment
+    train_ds = data.make_train_dataset(
+        train_x, train_y, batch_size=batch_size, px_batch_size=px_batch_size,
+        augment=None if augment == "none" else augment, augment_px=config["augment_px"],
+        noise_scale=config["noise_scale"], seed=config["seed"],
+    )
+    steps = config["steps_per_epoch"] or data.steps_per_epoch(
+        len(train_x), max(batch_size, px_batch_size))
+    test_ds = data.make_eval_dataset(test_x, test_y, batch_size=256,
+                                     noise_scale=config["test_noise_scale"], seed=0)
+    val_ds = None
+    if validation is not None:
+        val_ds = data.make_eval_dataset(*validation, batch_size=256,
+                                        noise_scale=config["test_noise_scale"], seed=0)
+
+    model = build(config, info, train_x, train_y, steps)
+    print(f"[trainers.fit] {config['model']} on {config['dataset']}: "
+          f"{len(train_x)} training images, {steps} steps/epoch, {config['epochs']} epochs, "
+          f"{model.count_params():,} parameters; run directory {model_dir}", flush=True)
+
+    ckpt_dir = os.path.join(model_dir, "checkpoints")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    initial_weights = os.path.join(ckpt_dir, "initial.weights.h5")
+    backup_dir = os.path.join(model_dir, "backup")
+    if not os.path.exists(os.path.join(backup_dir, "latest.weights.h5")):
+        model.save_weights(initial_weights)
+
+    verbose = config["verbose"]
+    verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else int(verbose)
+    save_freq = config["save_freq"]
+    save_freq = save_freq if save_freq == "epoch" else int(save_freq)
+
+    history = {}
+    seed = config["seed"]
+    rollbacks = 0
+    start = time.time()
+    while True:
+        guard = jem_callbacks.DivergenceGuard()
+        callback_list = [
+            guard,
+            jem_callbacks.GuardedBackupAndRestore(
+                backup_dir, guard, save_freq=save_freq, delete_checkpoint=False),
+            keras.callbacks.CSVLogger(os.path.join(model_dir, "history.csv"), append=True),
+            keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq="epoch"),
+        ]
+        if rollbacks:
+            callback_list.insert(2, jem_callbacks.Reseed(seed))
+        if val_ds is not None:
+            callback_list.append(keras.callbacks.ModelCheckpoint(
+                os.path.join(ckpt_dir, "best.weights.h5"), monitor="val_accuracy",
+                mode="max", save_best_only=True, save_weights_only=True))
+        if config["sample_every"] and config["px_weight"] > 0 and hasattr(model, "sample"):
+            callback_list.append(jem_callbacks.SampleGrid(
+                os.path.join(model_dir, "samples"), every=config["sample_every"],
+                log_dir=os.path.join(model_dir, "logs")))
+        callback_list += [factory(config, model) for factory in EXTRA_CALLBACKS]
+        result = model.fit(
+            train_ds, epochs=config["epochs"], steps_per_epoch=steps,
+            validation_data=val_ds, callbacks=callback_list, verbose=verbose,
+        )
+        for key, values in result.history.items():
+            history.setdefault(key, []).extend(values)
+        if not guard.diverged:
+            break
+        epoch, batch, logs = guard.diverged_at
+        if rollbacks >= config["max_rollbacks"]:
+            raise RuntimeError(
+                f"Training diverged at epoch {epoch + 1}, step {batch + 1} ({_short(logs)}) "
+                f"after {rollbacks} rollbacks. Try a lower --learning_rate, more --num_steps, "
+                "--energy_l2_weight 0.1 or --noise_scale 0.1 (JEM issues #4 and #8)."
+            )
+        rollbacks += 1
+        seed = config["seed"] + 1000 * rollbacks
+        print(f"[trainers.fit] divergence at epoch {epoch + 1}, step {batch + 1} "
+              f"({_short(logs)}): rolling back to the last backup and continuing with seed "
+              f"{seed} (rollback {rollbacks} of at most {config['max_rollbacks']}).", flush=True)
+        if not os.path.exists(os.path.join(backup_dir, "latest.weights.h5")):
+            model.load_weights(initial_weights)
+    wall_time = time.time() - start
+
+    model.save(os.path.join(model_dir, "model.keras"))
+    evaluation = model.evaluate(test_ds, verbose=0, return_dict=True)
+    metrics = {
+        "test_accuracy": float(evaluation["accuracy"]),
+        "test_loss_ce": float(evaluation["loss_ce"]),
+        "train_seconds": wall_time,
+        "rollbacks": rollbacks,
+        "epochs": config["epochs"],
+        "keras_jem_version": keras_jem.__version__,
+    }
+    with open(os.path.join(model_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    with open(os.path.join(model_dir, "history.json"), "w") as f:
+        json.dump({k: [float(v) for v in np.asarray(vs).tolist()] for k, vs in history.items()},
+                  f)
+    print(f"[trainers.fit] done in {wall_time:.0f} s: test accuracy "
+          f"{metrics['test_accuracy']:.4f}; model saved to "
+          f"{os.path.join(model_dir, 'model.keras')}", flush=True)
+    return metrics
+
+
+# Callbacks of models defined in their own modules: functions (config, model) -> callback.
+EXTRA_CALLBACKS = []
+
+
+def _short(logs):
+    keys = ("loss", "energy_data", "energy_samples")
+    return ", ".join(f"{k}={logs[k]:.3g}" for k in keys if k in logs)
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        config, print_only = resolve_config(argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if print_only:
+        print(json.dumps(config, indent=2, sort_keys=True))
+        return 0
+    from keras_jem.data import DatasetNotAvailableError
+
+    try:
+        run(config)
+    except DatasetNotAvailableError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

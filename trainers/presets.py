@@ -1,0 +1,171 @@
+"""Hyperparameter presets: data, not code paths.
+
+`resolve(model, dataset, overrides)` merges, in order: `DEFAULTS`, the model's `"*"` preset, the
+model's preset for the dataset family (`"cifar"` for cifar10/cifar100/svhn, `"digits"`), and the
+user's overrides. The CIFAR presets reproduce the papers' scripts (ALGORITHMS.md sections 1.5, 2,
+3.4, 4.5, 5.3); the digits presets are small settings that train in minutes on 2 CPU cores.
+"""
+
+# Every setting a user can change, with its type and help. `None` defaults mean "not used" or
+# "derived" (e.g. steps_per_epoch from the dataset size).
+SETTINGS = {
+    # Run.
+    "model_dir": (str, "runs/jem", "where checkpoints, logs, samples and the model go"),
+    "epochs": (int, 20, "number of epochs"),
+    "steps_per_epoch": (int, None, "steps per epoch (default: examples / px_batch_size)"),
+    "seed": (int, 1, "random seed"),
+    "jit_compile": (str, "auto", "XLA: auto (on where it is faster), true or false"),
+    "save_freq": (str, "epoch", "backup frequency: 'epoch' or a number of steps"),
+    "sample_every": (int, 1, "write a PNG grid of samples every N epochs (0: never)"),
+    "max_rollbacks": (int, 3, "rollbacks to the last checkpoint on divergence before giving up"),
+    "verbose": (str, "auto", "progress: auto (bar on a TTY, one line per epoch otherwise), 0-2"),
+    # Data.
+    "data_dir": (str, None, "TFDS data directory (default ~/tensorflow_datasets)"),
+    "manual_dir": (str, None, "directory with the dataset archives, prepared offline by TFDS"),
+    "download": (bool, False, "let TFDS download the dataset (needs internet)"),
+    "num_validation": (int, 0, "training images held out for validation"),
+    "batch_size": (int, 64, "batch size of the cross-entropy stream"),
+    "px_batch_size": (int, None, "batch size of the likelihood stream (default: batch_size)"),
+    "augment": (str, None, "crop_flip, crop or none (default: the dataset's)"),
+    "augment_px": (bool, True, "augment the likelihood stream too (SADA-JEM: no)"),
+    "noise_scale": (float, 0.0, "Gaussian noise added to training images"),
+    "test_noise_scale": (float, 0.0, "Gaussian noise added to test images (JEM: 0.03)"),
+    # Backbone.
+    "backbone": (str, "small_cnn", "small_cnn or wrn"),
+    "depth": (int, 28, "Wide-ResNet depth"),
+    "width": (int, 10, "Wide-ResNet width"),
+    "norm": (str, "none", "none, batch, group, instance or layer"),
+    "dropout_rate": (float, 0.0, "dropout inside the backbone"),
+    # Optimizer.
+    "optimizer": (str, "adam", "adam or sgd"),
+    "learning_rate": (float, 1e-4, "learning rate after warm-up"),
+    "momentum": (float, 0.9, "SGD momentum"),
+    "beta_1": (float, 0.9, "Adam beta_1"),
+    "beta_2": (float, 0.999, "Adam beta_2"),
+    "weight_decay": (float, 0.0, "coupled L2 weight decay (PyTorch style)"),
+    "warmup_steps": (int, 0, "linear learning-rate warm-up steps"),
+    "decay_epochs": (str, "", "comma-separated epochs where the rate is multiplied by decay_factor"),
+    "decay_factor": (float, 0.3, "learning-rate multiplier at each decay epoch"),
+    "clipnorm": (float, None, "clip each gradient to this norm"),
+    # Model and sampler.
+    "buffer_size": (int, 10000, "replay buffer size"),
+    "buffer_init": (str, "uniform", "uniform or gaussian_mixture"),
+    "buffer_covariance": (str, "full", "full or diagonal class covariances (gaussian_mixture)"),
+    "reinit_probability": (float, 0.05, "probability of restarting a chain"),
+    "conditional_sampling": (bool, False, "draw p(x) samples class-conditionally"),
+    "px_weight": (float, 1.0, "weight of the log p(x) term"),
+    "pyx_weight": (float, 1.0, "weight of the cross-entropy term"),
+    "pxy_weight": (float, 0.0, "weight of the log p(x, y) term"),
+    "energy_l2_weight": (float, 0.0, "L2 penalty on energies"),
+    "divergence_threshold": (float, 1e8, "loss/energy magnitude treated as divergence"),
+    "sampler": (str, "sgld", "sgld or proximal"),
+    "num_steps": (int, 20, "sampler steps per training iteration"),
+    "inner_steps": (int, 5, "proximal sampler inner steps"),
+    "step_size": (float, 1.0, "sampler step size"),
+    "sampler_noise": (float, 0.01, "sampler noise standard deviation"),
+    "gradient_clip": (float, None, "per-element clip of the sampler gradient"),
+    "clip_samples": (bool, False, "clamp samples to the data range [-1, 1]"),
+    "sample_in_training_mode": (bool, False, "BatchNorm in training mode while sampling"),
+    "sam_rho": (float, 0.0, "SAM radius (0: no SAM)"),
+    "sam_adaptive": (bool, False, "adaptive SAM (ASAM)"),
+}
+
+DEFAULTS = {name: spec[1] for name, spec in SETTINGS.items()}
+
+MODELS = ("softmax", "jem", "jempp", "sadajem")
+
+# Per model: "*" applies to every dataset, then the dataset family's preset.
+PRESETS = {
+    "softmax": {
+        "*": {"px_weight": 0.0},
+        "digits": {"epochs": 30, "learning_rate": 1e-3, "batch_size": 64},
+        "cifar": {"backbone": "wrn", "optimizer": "sgd", "learning_rate": 0.1,
+                  "weight_decay": 5e-4, "epochs": 200, "decay_epochs": "60,120,160",
+                  "decay_factor": 0.2, "norm": "batch"},
+    },
+    # JEM: ALGORITHMS.md 1.5.
+    "jem": {
+        "*": {"sampler": "sgld", "num_steps": 20, "step_size": 1.0, "sampler_noise": 0.01,
+              "buffer_size": 10000, "reinit_probability": 0.05, "noise_scale": 0.03,
+              "test_noise_scale": 0.03},
+        "digits": {"epochs": 30, "learning_rate": 1e-3, "buffer_size": 2000, "num_steps": 20,
+                   "energy_l2_weight": 0.1, "noise_scale": 0.03, "test_noise_scale": 0.0,
+                   "warmup_steps": 100},
+        "cifar": {"backbone": "wrn", "depth": 28, "width": 10, "norm": "none",
+                  "optimizer": "adam", "learning_rate": 1e-4, "warmup_steps": 1000,
+                  "epochs": 200, "decay_epochs": "160,180", "decay_factor": 0.3,
+                  "num_validation": 5000},
+    },
+    # JEM++: ALGORITHMS.md 2.
+    "jempp": {
+        "*": {"sampler": "proximal", "num_steps": 10, "inner_steps": 5, "step_size": 0.2,
+              "sampler_noise": 0.0, "gradient_clip": 1.0, "clip_samples": True,
+              "buffer_init": "gaussian_mixture", "sample_in_training_mode": True,
+              "noise_scale": 0.03, "norm": "batch"},
+        "digits": {"epochs": 30, "learning_rate": 1e-3, "buffer_size": 2000,
+                   "warmup_steps": 100},
+        "cifar": {"backbone": "wrn", "depth": 28, "width": 10, "optimizer": "sgd",
+                  "learning_rate": 0.1, "momentum": 0.9, "weight_decay": 4e-4,
+                  "warmup_steps": 1000, "epochs": 150, "decay_epochs": "50,100,125",
+                  "decay_factor": 0.2, "num_validation": 5000},
+    },
+    # SADA-JEM: ALGORITHMS.md 3.4.
+    "sadajem": {
+        "*": {"sampler": "sgld", "num_steps": 5, "step_size": 1.0, "sampler_noise": 0.0,
+              "gradient_clip": 1.0, "clip_samples": True, "buffer_init": "gaussian_mixture",
+              "sample_in_training_mode": True, "sam_rho": 2.0, "sam_adaptive": True,
+              "augment_px": False, "noise_scale": 0.0, "divergence_threshold": 1e5,
+              "norm": "batch"},
+        "digits": {"epochs": 30, "learning_rate": 1e-3, "buffer_size": 2000,
+                   "batch_size": 64, "px_batch_size": 64, "warmup_steps": 100,
+                   "sam_rho": 0.5},
+        "cifar": {"backbone": "wrn", "depth": 28, "width": 10, "optimizer": "sgd",
+                  "learning_rate": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+                  "warmup_steps": 1000, "epochs": 200, "decay_epochs": "60,120,180",
+                  "decay_factor": 0.2, "batch_size": 128, "px_batch_size": 64,
+                  "num_validation": 0},
+    },
+}
+
+DATASET_FAMILIES = {
+    "digits": "digits",
+    "synthetic": "digits",
+    "cifar10": "cifar",
+    "cifar100": "cifar",
+    "svhn": "cifar",
+}
+
+
+def register(model, presets):
+    """Adds the presets of a model defined elsewhere (e.g. GMMC, IGEBM)."""
+    PRESETS[model] = presets
+
+
+def resolve(model, dataset, overrides=None):
+    """The full configuration of a run: defaults < model preset < dataset preset < overrides.
+
+    Args:
+        model: a key of `PRESETS`.
+        dataset: a dataset name.
+        overrides: dict of settings given by the user (None values are ignored).
+
+    Returns:
+        A dict with every key of `SETTINGS` plus "model" and "dataset".
+    """
+    if model not in PRESETS:
+        raise ValueError(f"Unknown model {model!r}. Expected one of: {', '.join(PRESETS)}.")
+    if dataset not in DATASET_FAMILIES:
+        raise ValueError(
+            f"Unknown dataset {dataset!r}. Expected one of: {', '.join(DATASET_FAMILIES)}."
+        )
+    config = dict(DEFAULTS)
+    presets = PRESETS[model]
+    config.update(presets.get("*", {}))
+    config.update(presets.get(DATASET_FAMILIES[dataset], {}))
+    config.update(presets.get(dataset, {}))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            config[key] = value
+    config["model"] = model
+    config["dataset"] = dataset
+    return config
