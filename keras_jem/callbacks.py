@@ -90,31 +90,47 @@ class Reseed(keras.callbacks.Callback):
 
 
 class SampleGrid(keras.callbacks.Callback):
-    """Writes a PNG grid of model samples at the end of every `every` epochs.
+    """Writes a PNG grid of the model's samples every `every` epochs.
 
-    Class-conditional rows (one per class) are drawn with `model.sample(y=...)`; the images are
-    also logged to TensorBoard when `log_dir` is given.
+    By default it shows the persistent chains of the replay buffer, which is what the model has
+    learned to generate (JEM's `cond_samples` protocol): a random subset of the buffer is
+    classified and each row shows the most confident chains of one predicted class. Nothing is
+    written back and no sampler step runs, so it costs one forward pass. With
+    `from_buffer=False`, each row instead holds fresh class-conditional chains
+    (`model.sample(y=...)`) of `num_steps` steps from noise.
 
     Args:
         directory: where `epoch_XXX.png` files go.
-        num_per_class: samples per class row.
-        num_steps: sampler steps (default: the model's sampler).
+        num_per_class: images per class row.
         every: epoch frequency.
-        from_buffer: show persistent chains from the replay buffer (True) or fresh chains.
-        log_dir: optional TensorBoard log dir.
+        from_buffer: show buffer chains (True) or fresh class-conditional chains (False).
+        num_steps: sampler steps for fresh chains (default: the model's sampler).
+        log_dir: optional TensorBoard log dir for the same images.
+        seed: seed of the subset / the fresh chains.
     """
 
-    def __init__(self, directory, num_per_class=8, num_steps=None, every=1, from_buffer=True,
+    def __init__(self, directory, num_per_class=8, every=1, from_buffer=True, num_steps=None,
                  log_dir=None, seed=0):
         super().__init__()
         self.directory = directory
         self.num_per_class = int(num_per_class)
-        self.num_steps = num_steps
         self.every = max(1, int(every))
         self.from_buffer = from_buffer
+        self.num_steps = num_steps
         self.log_dir = log_dir
         self.seed = seed
         self.last_path = None
+
+    def _buffer_rows(self, epoch):
+        model = self.model
+        rng = np.random.default_rng(self.seed + epoch)
+        count = min(model.buffer.size, 20 * model.num_classes * self.num_per_class)
+        indices = np.sort(rng.choice(model.buffer.size, count, replace=False))
+        images = keras.ops.convert_to_numpy(model.buffer.images)[indices]
+        probabilities = keras.ops.convert_to_numpy(
+            keras.ops.softmax(model.predict(images, batch_size=256, verbose=0), axis=-1))
+        order = np.argsort(-probabilities.max(axis=-1), kind="stable")
+        return images[order], probabilities.argmax(axis=-1)[order]
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every:
@@ -122,22 +138,23 @@ class SampleGrid(keras.callbacks.Callback):
         from keras_jem.metrics import images as image_lib
 
         model = self.model
-        labels = np.repeat(np.arange(model.num_classes), self.num_per_class)
-        samples = model.sample(
-            y=labels, num_steps=self.num_steps, from_buffer=self.from_buffer,
-            seed=self.seed + epoch,
-        )
-        samples = keras.ops.convert_to_numpy(samples)
+        if self.from_buffer:
+            images, labels = self._buffer_rows(epoch)
+        else:
+            labels = np.repeat(np.arange(model.num_classes), self.num_per_class)
+            images = keras.ops.convert_to_numpy(
+                model.sample(y=labels, num_steps=self.num_steps, seed=self.seed + epoch))
         os.makedirs(self.directory, exist_ok=True)
         self.last_path = os.path.join(self.directory, f"epoch_{epoch + 1:03d}.png")
-        image_lib.save_image_grid(samples, self.last_path, num_cols=self.num_per_class)
+        image_lib.save_class_grid(images, labels, self.last_path, num_classes=model.num_classes,
+                                  per_class=self.num_per_class)
         if self.log_dir:
             import tensorflow as tf
 
+            grid = image_lib.make_grid(images[: 8 * self.num_per_class],
+                                       num_cols=self.num_per_class)
             writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "samples"))
             with writer.as_default():
-                tf.summary.image(
-                    "samples", (samples[: 3 * self.num_per_class] + 1.0) / 2.0, step=epoch + 1,
-                    max_outputs=3 * self.num_per_class,
-                )
+                tf.summary.image("samples", grid[None].astype("float32") / 255.0,
+                                 step=epoch + 1)
             writer.flush()

@@ -316,6 +316,7 @@ def build(config, info, train_images=None, train_labels=None, steps_per_epoch=1)
         model.adapt_buffer(train_images, train_labels, seed=config["seed"])
     model.compile(optimizer=build_optimizer(config, steps_per_epoch),
                   jit_compile=_jit_compile(config, model))
+    model.optimizer.build(model.trainable_variables)
     return model
 
 

@@ -163,17 +163,19 @@ class ReplayBuffer(keras.layers.Layer):
         means = np.zeros((num_classes, dim))
         scales = np.zeros((num_classes, dim, dim) if self.covariance == "full" else (
             num_classes, dim))
+        pooled_mean = flat.mean(axis=0)
+        pooled = flat - pooled_mean
         for c in range(num_classes):
             members = flat[labels == c]
-            if len(members) < 2:
-                raise ValueError(
-                    f"`adapt` needs at least 2 images of every class; class {c} has "
-                    f"{len(members)}."
-                )
-            means[c] = members.mean(axis=0)
-            centered = members - means[c]
+            if len(members) >= 2:
+                means[c] = members.mean(axis=0)
+                centered = members - means[c]
+            else:
+                # Too few examples to estimate a covariance: use the pooled statistics.
+                means[c] = members[0] if len(members) else pooled_mean
+                centered = pooled
             if self.covariance == "full":
-                cov = centered.T @ centered / (len(members) - 1) + self.jitter * np.eye(dim)
+                cov = centered.T @ centered / (len(centered) - 1) + self.jitter * np.eye(dim)
                 scales[c] = np.linalg.cholesky(cov)
             else:
                 scales[c] = np.sqrt(centered.var(axis=0, ddof=1) + self.jitter)

@@ -1,0 +1,157 @@
+"""End-to-end tests of `python -m trainers.fit` on tiny settings."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from trainers import fit
+from trainers import presets
+
+TINY = [
+    "--epochs", "1", "--steps_per_epoch", "3", "--num_steps", "2", "--buffer_size", "200",
+    "--batch_size", "16", "--sample_every", "1", "--verbose", "2",
+]
+
+
+def run_cli(args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "trainers.fit", *args], capture_output=True, text=True,
+        timeout=timeout, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--model", "nope"], "invalid choice: 'nope'"),
+        (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+        (["--step_size", "-1"], "--step_size must be non-negative. Received: -1.0"),
+        (["--buffer_size", "32", "--batch_size", "64"], "smaller than the batch"),
+        (["--conditional_sampling", "--buffer_size", "1005"], "not divisible by 10"),
+        (["--norm", "weird"], "--norm must be one of"),
+        (["--decay_epochs", "a,b"], "comma-separated integers"),
+    ],
+)
+def test_bad_flags_stop_before_any_work(tmp_path, args, expected, capsys):
+    start = time.time()
+    try:
+        code = fit.main(["--model_dir", str(tmp_path / "run"), *args])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "run").exists(), "nothing may be written for a bad flag"
+    assert time.time() - start < 30
+
+
+def test_bad_flag_from_the_shell(tmp_path):
+    result = run_cli(["--model_dir", str(tmp_path / "run"), "--reinit_probability", "2"])
+    assert result.returncode == 2
+    assert "--reinit_probability must be in [0, 1]. Received: 2.0" in result.stderr
+
+
+def test_presets_resolve_paper_settings():
+    jem = presets.resolve("jem", "cifar10")
+    assert (jem["num_steps"], jem["step_size"], jem["sampler_noise"]) == (20, 1.0, 0.01)
+    assert (jem["optimizer"], jem["learning_rate"], jem["decay_epochs"]) == ("adam", 1e-4,
+                                                                             "160,180")
+    assert jem["backbone"] == "wrn" and jem["norm"] == "none" and jem["noise_scale"] == 0.03
+    jempp = presets.resolve("jempp", "cifar10")
+    assert (jempp["sampler"], jempp["num_steps"], jempp["inner_steps"]) == ("proximal", 10, 5)
+    assert jempp["weight_decay"] == 4e-4 and jempp["buffer_init"] == "gaussian_mixture"
+    sada = presets.resolve("sadajem", "cifar10", {"epochs": 3})
+    assert (sada["sam_rho"], sada["sam_adaptive"], sada["num_steps"]) == (2.0, True, 5)
+    assert (sada["batch_size"], sada["px_batch_size"], sada["augment_px"]) == (128, 64, False)
+    assert sada["epochs"] == 3
+
+
+def _read_buffer(weights_path):
+    with h5py.File(weights_path, "r") as f:
+        found = []
+        f.visititems(lambda name, obj: found.append(obj[()]) if (
+            isinstance(obj, h5py.Dataset) and obj.ndim == 4 and obj.shape[0] == 200) else None)
+    assert len(found) == 1, "the backup must hold exactly one replay buffer"
+    return found[0]
+
+
+def test_train_resume_continues_from_saved_epoch_and_buffer(tmp_path):
+    model_dir = str(tmp_path / "jem")
+    config, _ = fit.resolve_config(["--model", "jem", "--model_dir", model_dir, *TINY])
+    first = fit.run(config)
+    assert os.path.exists(os.path.join(model_dir, "model.keras"))
+    assert os.path.exists(os.path.join(model_dir, "samples", "epoch_001.png"))
+    saved = json.load(open(os.path.join(model_dir, "config.json")))
+    assert saved["num_steps"] == 2 and saved["image_shape"] == [8, 8, 1]
+    backup = os.path.join(model_dir, "backup", "latest.weights.h5")
+    saved_buffer = _read_buffer(backup)
+    assert json.load(open(os.path.join(model_dir, "backup", "training_metadata.json")))[
+        "epoch"] == 1
+
+    seen = {}
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            seen["buffer"] = keras.ops.convert_to_numpy(self.model.buffer.images).copy()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.setdefault("epochs", []).append(epoch)
+
+    fit.EXTRA_CALLBACKS.append(lambda config, model: Probe())
+    try:
+        config, _ = fit.resolve_config(
+            ["--model", "jem", "--model_dir", model_dir, *TINY[:0], "--epochs", "2",
+             *TINY[2:]])
+        second = fit.run(config)
+    finally:
+        fit.EXTRA_CALLBACKS.pop()
+    assert seen["epochs"] == [1], "the resumed run must start at the saved epoch"
+    np.testing.assert_array_equal(seen["buffer"], saved_buffer)
+    assert second["epochs"] == 2 and first["epochs"] == 1
+    history = open(os.path.join(model_dir, "history.csv")).read().splitlines()
+    assert len(history) == 3  # header + one line per epoch, over both runs
+
+
+def test_divergence_is_rolled_back_then_reported(tmp_path, capsys):
+    config, _ = fit.resolve_config([
+        "--model", "jem", "--model_dir", str(tmp_path / "div"), *TINY,
+        "--divergence_threshold", "1e-6", "--max_rollbacks", "1",
+    ])
+    with pytest.raises(RuntimeError, match="after 1 rollbacks"):
+        fit.run(config)
+    assert "rolling back to the last backup and continuing with seed 1001" in (
+        capsys.readouterr().out)
+
+
+def test_offline_cifar_fails_fast_with_instructions(tmp_path):
+    start = time.time()
+    result = run_cli(["--model", "jem", "--dataset", "cifar10", "--data_dir",
+                      str(tmp_path / "tfds"), "--model_dir", str(tmp_path / "run")])
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "cifar10" in result.stderr and str(tmp_path / "tfds") in result.stderr
+    assert "manual_dir" in result.stderr
+    assert time.time() - start < 90
+
+
+def test_cifar10_path_end_to_end_on_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    config, _ = fit.resolve_config([
+        "--model", "sadajem", "--dataset", "cifar10", "--model_dir", str(tmp_path / "c10"),
+        "--depth", "10", "--width", "1", "--batch_size", "8", "--px_batch_size", "8",
+        "--buffer_size", "100", "--buffer_covariance", "diagonal", "--num_validation", "16",
+        "--epochs", "1", "--steps_per_epoch", "2", "--num_steps", "1", "--jit_compile", "false",
+        "--verbose", "2",
+    ])
+    with tfds.testing.mock_data(num_examples=64):
+        metrics = fit.run(config)
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    model = keras.saving.load_model(str(tmp_path / "c10" / "model.keras"))
+    assert model.image_shape == (32, 32, 3) and model.sam is not None
+    assert os.path.exists(tmp_path / "c10" / "checkpoints" / "best.weights.h5")
