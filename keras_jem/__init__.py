@@ -11,7 +11,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from keras_jem import backbones  # noqa: E402
 from keras_jem import callbacks  # noqa: E402
+from keras_jem import data  # noqa: E402
 from keras_jem import energies  # noqa: E402
+from keras_jem import metrics  # noqa: E402
 from keras_jem import models  # noqa: E402
 from keras_jem import optimizers  # noqa: E402
 from keras_jem import sampling  # noqa: E402
