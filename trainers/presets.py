@@ -78,7 +78,8 @@ MODELS = ("softmax", "jem", "jempp", "sadajem")
 PRESETS = {
     "softmax": {
         "*": {"px_weight": 0.0},
-        "digits": {"epochs": 30, "learning_rate": 1e-3, "batch_size": 64},
+        "digits": {"epochs": 40, "learning_rate": 3e-3, "noise_scale": 0.03,
+                   "warmup_steps": 100},
         "cifar": {"backbone": "wrn", "optimizer": "sgd", "learning_rate": 0.1,
                   "weight_decay": 5e-4, "epochs": 200, "decay_epochs": "60,120,160",
                   "decay_factor": 0.2, "norm": "batch"},
@@ -88,9 +89,8 @@ PRESETS = {
         "*": {"sampler": "sgld", "num_steps": 20, "step_size": 1.0, "sampler_noise": 0.01,
               "buffer_size": 10000, "reinit_probability": 0.05, "noise_scale": 0.03,
               "test_noise_scale": 0.03},
-        "digits": {"epochs": 30, "learning_rate": 1e-3, "buffer_size": 2000, "num_steps": 20,
-                   "energy_l2_weight": 0.1, "noise_scale": 0.03, "test_noise_scale": 0.0,
-                   "warmup_steps": 100},
+        "digits": {"epochs": 40, "learning_rate": 3e-3, "buffer_size": 2000, "num_steps": 20,
+                   "noise_scale": 0.03, "test_noise_scale": 0.0, "warmup_steps": 100},
         "cifar": {"backbone": "wrn", "depth": 28, "width": 10, "norm": "none",
                   "optimizer": "adam", "learning_rate": 1e-4, "warmup_steps": 1000,
                   "epochs": 200, "decay_epochs": "160,180", "decay_factor": 0.3,
