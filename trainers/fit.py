@@ -213,6 +213,7 @@ def validate(config):
         "buffer_init": ("uniform", "gaussian_mixture"),
         "buffer_covariance": ("full", "diagonal"),
         "jit_compile": ("auto", "true", "false"),
+        "strategy": ("default", "mirrored", "multi_worker", "tpu"),
     }
     for key, allowed in choices.items():
         if config.get(key) not in allowed:
@@ -257,6 +258,7 @@ def validate(config):
     if config["verbose"] not in ("auto", "0", "1", "2"):
         fail(f"--verbose must be auto, 0, 1 or 2. Received: {config['verbose']!r}")
     parse_epochs(config["decay_epochs"])
+    _validate_distribution(config, fail)
     for check in EXTRA_VALIDATORS:
         check(config, fail)
     # Class-conditional sampling needs equal class blocks; the number of classes is known
@@ -277,11 +279,49 @@ def validate(config):
 EXTRA_VALIDATORS = []
 
 
+def _validate_distribution(config, fail):
+    """Strategy flags, TF_CONFIG and, when the replica count is known, the global batch."""
+    from keras_jem import distribute
+
+    if config.get("num_devices") is not None:
+        if config["num_devices"] <= 0:
+            fail(f"--num_devices must be positive. Received: {config['num_devices']}")
+        if config["strategy"] != "mirrored":
+            fail("--num_devices sets the replicas of --strategy mirrored. Received: "
+                 f"--strategy {config['strategy']} --num_devices {config['num_devices']}")
+    if config["strategy"] == "multi_worker":
+        try:
+            distribute.parse_tf_config()
+        except distribute.ClusterConfigError as error:
+            fail(str(error))
+    if config.get("num_devices"):
+        check_global_batch(config, config["num_devices"], fail)
+
+
+def check_global_batch(config, replicas, fail):
+    from keras_jem import distribute
+
+    for key in ("batch_size", "px_batch_size"):
+        if config.get(key):
+            try:
+                distribute.check_global_batch(config[key], replicas, name=key)
+            except ValueError as error:
+                fail(str(error))
+
+
 # === Training ===
 
 
-def _jit_compile(config, model):
+def _jit_compile(config, model, strategy=None):
     setting = config["jit_compile"]
+    from keras_jem import distribute
+
+    if strategy is not None and distribute.uses_cpu_replicas(strategy) and setting != "false":
+        # MirroredStrategy + jit_compile fails on CPU replicas (a resource on another device).
+        print(f"[trainers.fit] XLA is off: jit_compile is not supported with "
+              f"{distribute.num_replicas(strategy)} replicas on CPU devices "
+              f"(--jit_compile {setting} ignored).", flush=True)
+        return False
     if setting == "true":
         return True
     if setting == "false":
@@ -306,17 +346,29 @@ def load_data(config):
     return train, validation, test
 
 
-def build(config, info, train_images=None, train_labels=None, steps_per_epoch=1):
-    """Builds and compiles the model of `config` (under the current distribution scope)."""
-    model = _model_builders()[config["model"]](config, build_backbone(config), info)
-    model.build((None,) + tuple(info.image_shape))
-    if getattr(model, "buffer", None) is not None and model.buffer.initialization == (
-        "gaussian_mixture"
-    ):
-        model.adapt_buffer(train_images, train_labels, seed=config["seed"])
-    model.compile(optimizer=build_optimizer(config, steps_per_epoch),
-                  jit_compile=_jit_compile(config, model))
-    model.optimizer.build(model.trainable_variables)
+def build(config, info, train_images=None, train_labels=None, steps_per_epoch=1,
+          strategy=None):
+    """Builds and compiles the model of `config` for `strategy` (default: the current one).
+
+    The model object is constructed in `distribute.construction_scope` and its variables
+    (weights, buffer, optimizer) are created under `strategy.scope()`.
+    """
+    import tensorflow as tf
+
+    from keras_jem import distribute
+
+    strategy = strategy or tf.distribute.get_strategy()
+    with distribute.construction_scope(strategy):
+        model = _model_builders()[config["model"]](config, build_backbone(config), info)
+    with strategy.scope():
+        model.build((None,) + tuple(info.image_shape))
+        if getattr(model, "buffer", None) is not None and model.buffer.initialization == (
+            "gaussian_mixture"
+        ):
+            model.adapt_buffer(train_images, train_labels, seed=config["seed"])
+        model.compile(optimizer=build_optimizer(config, steps_per_epoch),
+                      jit_compile=_jit_compile(config, model, strategy))
+        model.optimizer.build(model.trainable_variables)
     return model
 
 
@@ -327,9 +379,17 @@ def run(config):
 
     import keras_jem
     from keras_jem import callbacks as jem_callbacks
+    from keras_jem import checkpointing
     from keras_jem import data
+    from keras_jem import distribute
 
+    # The strategy comes first: splitting a CPU into logical devices must precede any TF op.
+    strategy = make_strategy(config)
     model_dir = config["model_dir"]
+    worker_index, num_workers, _ = distribute.worker_info(strategy)
+    if worker_index:
+        # Every worker writes its own files; only the chief's are the run's.
+        model_dir = os.path.join(model_dir, "workers", f"worker_{worker_index}")
     os.makedirs(model_dir, exist_ok=True)
     with open(os.path.join(model_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
@@ -358,69 +418,86 @@ def run(config):
         val_ds = data.make_eval_dataset(*validation, batch_size=256,
                                         noise_scale=config["test_noise_scale"], seed=0)
 
-    model = build(config, info, train_x, train_y, steps)
+    if distribute.is_multi_worker(strategy):
+        train_ds = distribute.shard_by_data(train_ds)
+    model = build(config, info, train_x, train_y, steps, strategy=strategy)
     print(f"[trainers.fit] {config['model']} on {config['dataset']}: "
           f"{len(train_x)} training images, {steps} steps/epoch, {config['epochs']} epochs, "
           f"{model.count_params():,} parameters; run directory {model_dir}", flush=True)
 
     ckpt_dir = os.path.join(model_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
-    initial_weights = os.path.join(ckpt_dir, "initial.weights.h5")
-    backup_dir = os.path.join(model_dir, "backup")
-    if not os.path.exists(os.path.join(backup_dir, "latest.weights.h5")):
-        model.save_weights(initial_weights)
 
     verbose = config["verbose"]
     verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else int(verbose)
     save_freq = config["save_freq"]
     save_freq = save_freq if save_freq == "epoch" else int(save_freq)
 
+    # Step-level backup (weights, buffer, optimizer, seeds, epoch and step): a killed run
+    # continues where its last backup left off when the same command runs again.
+    backup = checkpointing.StepBackup(os.path.join(model_dir, "backup"), save_freq=save_freq,
+                                      steps_per_epoch=steps, worker_index=0)
     history = {}
     seed = config["seed"]
     rollbacks = 0
     start = time.time()
-    while True:
-        guard = jem_callbacks.DivergenceGuard()
-        callback_list = [
-            guard,
-            jem_callbacks.GuardedBackupAndRestore(
-                backup_dir, guard, save_freq=save_freq, delete_checkpoint=False),
-            keras.callbacks.CSVLogger(os.path.join(model_dir, "history.csv"), append=True),
-            keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq="epoch"),
-        ]
-        if rollbacks:
-            callback_list.insert(2, jem_callbacks.Reseed(seed))
-        if val_ds is not None:
-            callback_list.append(keras.callbacks.ModelCheckpoint(
-                os.path.join(ckpt_dir, "best.weights.h5"), monitor="val_accuracy",
-                mode="max", save_best_only=True, save_weights_only=True))
-        if config["sample_every"] and config["px_weight"] > 0 and hasattr(model, "sample"):
-            callback_list.append(jem_callbacks.SampleGrid(
-                os.path.join(model_dir, "samples"), every=config["sample_every"],
-                log_dir=os.path.join(model_dir, "logs")))
-        callback_list += [factory(config, model) for factory in EXTRA_CALLBACKS]
-        result = model.fit(
-            train_ds, epochs=config["epochs"], steps_per_epoch=steps,
-            validation_data=val_ds, callbacks=callback_list, verbose=verbose,
-        )
-        for key, values in result.history.items():
-            history.setdefault(key, []).extend(values)
-        if not guard.diverged:
-            break
-        epoch, batch, logs = guard.diverged_at
-        if rollbacks >= config["max_rollbacks"]:
-            raise RuntimeError(
-                f"Training diverged at epoch {epoch + 1}, step {batch + 1} ({_short(logs)}) "
-                f"after {rollbacks} rollbacks. Try a lower --learning_rate, more --num_steps, "
-                "--energy_l2_weight 0.1 or --noise_scale 0.1 (JEM issues #4 and #8)."
+    with strategy.scope():
+        try:
+            restored = backup.restore_on_all_workers(model, strategy)
+        except checkpointing.IncompatibleCheckpointError as error:
+            raise ConfigError(str(error)) from error
+        if restored is None:
+            backup.save(model)  # step 0: what a divergence before the first backup rolls to
+        else:
+            print(f"[trainers.fit] resuming from the backup at epoch {backup.epoch + 1}, "
+                  f"step {backup.step} of {steps} (global step {backup.global_step}, written "
+                  f"with {restored.get('num_replicas', 1)} replica(s)).", flush=True)
+        while True:
+            guard = jem_callbacks.DivergenceGuard()
+            backup.guard = guard
+            callback_list = [
+                guard,
+                backup,
+                keras.callbacks.CSVLogger(os.path.join(model_dir, "history.csv"), append=True),
+                keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"),
+                                            update_freq="epoch"),
+            ]
+            if val_ds is not None:
+                callback_list.append(keras.callbacks.ModelCheckpoint(
+                    os.path.join(ckpt_dir, "best.weights.h5"), monitor="val_accuracy",
+                    mode="max", save_best_only=True, save_weights_only=True))
+            if config["sample_every"] and config["px_weight"] > 0 and hasattr(model, "sample"):
+                callback_list.append(jem_callbacks.SampleGrid(
+                    os.path.join(model_dir, "samples"), every=config["sample_every"],
+                    log_dir=os.path.join(model_dir, "logs")))
+            callback_list += [factory(config, model) for factory in EXTRA_CALLBACKS]
+            results = checkpointing.fit_from_backup(
+                model, train_ds, backup, config["epochs"], callbacks=callback_list,
+                validation_data=val_ds, verbose=verbose,
             )
-        rollbacks += 1
-        seed = config["seed"] + 1000 * rollbacks
-        print(f"[trainers.fit] divergence at epoch {epoch + 1}, step {batch + 1} "
-              f"({_short(logs)}): rolling back to the last backup and continuing with seed "
-              f"{seed} (rollback {rollbacks} of at most {config['max_rollbacks']}).", flush=True)
-        if not os.path.exists(os.path.join(backup_dir, "latest.weights.h5")):
-            model.load_weights(initial_weights)
+            for result in results:
+                for key, values in result.history.items():
+                    history.setdefault(key, []).extend(values)
+            if not guard.diverged:
+                break
+            epoch, batch, logs = guard.diverged_at
+            if rollbacks >= config["max_rollbacks"]:
+                raise RuntimeError(
+                    f"Training diverged at epoch {epoch + 1}, step {batch + 1} "
+                    f"({_short(logs)}) after {rollbacks} rollbacks. Try a lower "
+                    "--learning_rate, more --num_steps, --energy_l2_weight 0.1 or "
+                    "--noise_scale 0.1 (JEM issues #4 and #8)."
+                )
+            rollbacks += 1
+            seed = config["seed"] + 1000 * rollbacks
+            print(f"[trainers.fit] divergence at epoch {epoch + 1}, step {batch + 1} "
+                  f"({_short(logs)}): rolling back to the last backup and continuing with seed "
+                  f"{seed} (rollback {rollbacks} of at most {config['max_rollbacks']}).",
+                  flush=True)
+            backup.restore_on_all_workers(model, strategy)
+            if getattr(model, "seed_generator", None) is not None:
+                state = model.seed_generator.state
+                state.assign(np.array([seed, 0], dtype=state.dtype))
     wall_time = time.time() - start
 
     model.save(os.path.join(model_dir, "model.keras"))
@@ -448,6 +525,32 @@ def run(config):
 EXTRA_CALLBACKS = []
 
 
+def make_strategy(config):
+    """The run's `tf.distribute` strategy; checks the global batch against its replicas."""
+    from keras_jem import distribute
+
+    try:
+        strategy = distribute.create_strategy(config["strategy"],
+                                              num_devices=config.get("num_devices"),
+                                              tpu=config.get("tpu"))
+    except (ValueError, RuntimeError) as error:
+        raise ConfigError(str(error)) from error
+
+    def fail(message):
+        raise ConfigError(message)
+
+    replicas = distribute.num_replicas(strategy)
+    check_global_batch(config, replicas, fail)
+    if replicas > 1:
+        worker_index, num_workers, _ = distribute.worker_info(strategy)
+        print(f"[trainers.fit] strategy {config['strategy']}: {replicas} replicas"
+              + (f" over {num_workers} workers (this is worker {worker_index})"
+                 if num_workers > 1 else "")
+              + f"; global batch {config['batch_size']}, "
+              f"{config['batch_size'] // replicas} per replica.", flush=True)
+    return strategy
+
+
 def _short(logs):
     keys = ("loss", "energy_data", "energy_samples")
     return ", ".join(f"{k}={logs[k]:.3g}" for k in keys if k in logs)
@@ -467,6 +570,9 @@ def main(argv=None):
 
     try:
         run(config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except DatasetNotAvailableError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3

@@ -16,6 +16,9 @@ SETTINGS = {
     "seed": (int, 1, "random seed"),
     "jit_compile": (str, "auto", "XLA: auto (on where it is faster), true or false"),
     "save_freq": (str, "epoch", "backup frequency: 'epoch' or a number of steps"),
+    "strategy": (str, "default", "tf.distribute strategy: default, mirrored, multi_worker, tpu"),
+    "num_devices": (int, None, "mirrored replicas: the first N GPUs (no GPU: N logical CPUs)"),
+    "tpu": (str, None, "TPU name or address for --strategy tpu (default: TPU_NAME or local)"),
     "sample_every": (int, 1, "write a PNG grid of samples every N epochs (0: never)"),
     "max_rollbacks": (int, 3, "rollbacks to the last checkpoint on divergence before giving up"),
     "verbose": (str, "auto", "progress: auto (bar on a TTY, one line per epoch otherwise), 0-2"),
@@ -102,8 +105,10 @@ PRESETS = {
               "sampler_noise": 0.0, "gradient_clip": 1.0, "clip_samples": True,
               "buffer_init": "gaussian_mixture", "sample_in_training_mode": True,
               "noise_scale": 0.03, "norm": "batch"},
+        # On 8x8 digits the clipped proximal steps overshoot and the data energy runs away
+        # without an energy penalty (the JEM authors' remedy, JEM issue #4).
         "digits": {"epochs": 30, "learning_rate": 1e-3, "buffer_size": 2000,
-                   "warmup_steps": 100},
+                   "warmup_steps": 100, "energy_l2_weight": 0.1},
         "cifar": {"backbone": "wrn", "depth": 28, "width": 10, "optimizer": "sgd",
                   "learning_rate": 0.1, "momentum": 0.9, "weight_decay": 4e-4,
                   "warmup_steps": 1000, "epochs": 150, "decay_epochs": "50,100,125",

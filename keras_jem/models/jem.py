@@ -4,19 +4,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_jem import distribute
 from keras_jem import energies
 from keras_jem import sampling
+from keras_jem.backbones.layers import TorchDense
 from keras_jem.optimizers import sam as sam_lib
 from keras_jem.optimizers.sharpness_aware_model import non_trainable_state
-
-
-def pytorch_dense(units, name):
-    """A Dense layer with PyTorch's default init U(+-1/sqrt(fan_in)) for kernel and bias."""
-    return keras.layers.Dense(
-        units,
-        kernel_initializer=keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform"),
-        name=name,
-    )
 
 
 @keras.saving.register_keras_serializable(package="keras_jem")
@@ -178,7 +171,7 @@ class JEM(keras.Model):
         return sampling.SGLD(**self.default_sampler_config)
 
     def _build_head(self):
-        return pytorch_dense(self.num_classes, name="class_head")
+        return TorchDense(self.num_classes, name="class_head")
 
     # === Forward ===
 
@@ -367,7 +360,7 @@ class JEM(keras.Model):
             for variable, value in zip(moments, saved_moments):
                 variable.assign(value)
         self.apply_gradients(gradients, variables)
-        return self._update_metrics(terms, y, logits)
+        return distribute.replica_logs(self._update_metrics(terms, y, logits))
 
     def apply_gradients(self, gradients, variables):
         """Applies the optimizer, with coupled weight decay when `weight_decay > 0`."""
@@ -413,11 +406,11 @@ class JEM(keras.Model):
         self.ce_loss_tracker.update_state(ce, sample_weight=sample_weight)
         self.energy_data_tracker.update_state(energies.logsumexp_energy(logits))
         self.accuracy_tracker.update_state(y, logits, sample_weight=sample_weight)
-        return {
+        return distribute.replica_logs({
             "loss_ce": self.ce_loss_tracker.result(),
             "energy_data": self.energy_data_tracker.result(),
             "accuracy": self.accuracy_tracker.result(),
-        }
+        })
 
     @property
     def metrics(self):

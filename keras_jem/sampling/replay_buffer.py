@@ -31,6 +31,12 @@ class ReplayBuffer(keras.layers.Layer):
     the training data (`initialization="gaussian_mixture"`, JEM++/SADA-JEM's informative init);
     the latter requires `adapt(images, labels)` once before training.
 
+    Under `tf.distribute` (R replicas) every replica holds a full, identical copy of the chains:
+    replica r draws only from its own contiguous shard (`[r * size / R, (r + 1) * size / R)`,
+    or that part of each class block), so no two replicas continue the same chain, and `write`
+    all-gathers the chains of every replica and applies them to every copy, so none is lost. The
+    saved buffer is the one full buffer, whatever the replica count it is restored onto.
+
     Args:
         size: number of chains (papers: 10000).
         initialization: `"uniform"` or `"gaussian_mixture"`.
@@ -279,16 +285,29 @@ class ReplayBuffer(keras.layers.Layer):
         self._check_draw(batch_size, labels)
         if seed is None:
             seed = tf.random.uniform((2,), maxval=2**31 - 1, dtype=tf.int64)
+        replica, replicas = _replica()
         if labels is None:
-            # Distinct chains: the top-k of random keys is a draw without replacement.
+            # Distinct chains: the top-k of random keys is a draw without replacement. Under
+            # tf.distribute each replica draws from its own contiguous shard of the chains.
             keys = tf.random.stateless_uniform((self.size,), noise.fold_in(seed, 0))
+            if replicas > 1:
+                self._check_shard(batch_size, self.size // replicas, replicas, "chains",
+                                  batch_size * replicas)
+                low, high = _shard_bounds(self.size, replica, replicas)
+                position = tf.range(self.size)
+                keys = tf.where((position >= low) & (position < high), keys, -1.0)
             indices = tf.math.top_k(keys, batch_size, sorted=False).indices
         else:
             block = self.size // self.num_classes
+            low, high = 0, block
+            if replicas > 1:
+                self._check_shard(1, block // replicas, replicas, "chains of each class block",
+                                  replicas * self.num_classes)
+                low, high = _shard_bounds(block, replica, replicas)
             offsets = tf.random.stateless_uniform(
-                (batch_size,), noise.fold_in(seed, 0), maxval=block, dtype=tf.int32
+                (batch_size,), noise.fold_in(seed, 0), maxval=high - low, dtype=tf.int32
             )
-            indices = tf.cast(labels, tf.int32) * block + offsets
+            indices = tf.cast(labels, tf.int32) * block + low + offsets
         images = tf.gather(self.images, indices)
         reinitialized = (
             tf.random.stateless_uniform((batch_size,), noise.fold_in(seed, 1))
@@ -299,10 +318,29 @@ class ReplayBuffer(keras.layers.Layer):
             images = tf.where(reinitialized[:, None, None, None], fresh, images)
         return indices, images, reinitialized
 
+    def _check_shard(self, batch_size, shard_size, replicas, what, needed):
+        if isinstance(batch_size, int) and batch_size > shard_size:
+            raise ValueError(
+                f"Under tf.distribute each of the {replicas} replicas continues chains from "
+                f"its own shard of the replay buffer, but a shard holds {shard_size} {what}, "
+                f"fewer than the {batch_size} drawn per replica. Use a buffer of at least "
+                f"{needed} chains."
+            )
+
     def write(self, indices, images):
-        """Writes the final chain states back to `indices`."""
+        """Writes the final chain states back to `indices`.
+
+        Under `tf.distribute` every replica holds a full copy of the buffer (a mirrored variable
+        that each replica updates locally); the chains of all replicas are all-gathered and
+        written to every copy, so the copies stay identical and no chain is lost.
+        """
         images = tf.cast(tf.stop_gradient(images), self.images.dtype)
-        self.images.value.scatter_update(tf.IndexedSlices(images, tf.cast(indices, tf.int32)))
+        indices = tf.cast(indices, tf.int32)
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            indices = context.all_gather(indices, axis=0)
+            images = context.all_gather(images, axis=0)
+        self.images.value.scatter_update(tf.IndexedSlices(images, indices))
 
     def get_config(self):
         config = super().get_config()
@@ -319,3 +357,17 @@ class ReplayBuffer(keras.layers.Layer):
             }
         )
         return config
+
+
+def _replica():
+    """`(replica_id, num_replicas)` in a replica context of `tf.distribute`, else `(0, 1)`."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return 0, 1
+    return context.replica_id_in_sync_group, context.num_replicas_in_sync
+
+
+def _shard_bounds(size, replica, replicas):
+    """`[low, high)` of replica `replica`'s contiguous shard of `size` positions."""
+    replica = tf.cast(replica, tf.int32)
+    return (replica * size) // replicas, ((replica + 1) * size) // replicas
