@@ -261,8 +261,7 @@ def test_spectral_norm_converges_to_one():
     conv = backbone_layers.SpectralConv2D(32, 3)
     x = _images((4, 8, 8, 16))
     conv(x)
-    raw = conv.kernel.assign(conv.kernel * 3.0)  # raw kernel far from norm 1
-    del raw
+    conv.kernel.assign(conv.kernel * 3.0)  # raw kernel far from norm 1
     assert abs(_top_singular_value(conv.kernel) - 1.0) > 0.5
     for _ in range(40):
         train_output = conv(x, training=True)
