@@ -121,9 +121,11 @@ PRESETS = {
               "sample_in_training_mode": True, "sam_rho": 2.0, "sam_adaptive": True,
               "augment_px": False, "noise_scale": 0.0, "divergence_threshold": 1e5,
               "norm": "batch"},
+        # Without an energy penalty log p(x) separates digits from noise poorly here
+        # (AUROC 0.93; 0.99 with it, see README).
         "digits": {"epochs": 30, "learning_rate": 1e-3, "buffer_size": 2000,
                    "batch_size": 64, "px_batch_size": 64, "warmup_steps": 100,
-                   "sam_rho": 0.5},
+                   "sam_rho": 0.5, "energy_l2_weight": 0.1},
         "cifar": {"backbone": "wrn", "depth": 28, "width": 10, "optimizer": "sgd",
                   "learning_rate": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
                   "warmup_steps": 1000, "epochs": 200, "decay_epochs": "60,120,180",
