@@ -52,7 +52,8 @@ class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     When training stops on divergence, Keras still ends the epoch, and the plain callback would
     back up the diverged weights. This one skips saving once `guard.diverged` is set, so the
-    backup stays at the last good state.
+    backup stays at the last good state. (`trainers.fit` uses
+    `keras_jem.checkpointing.StepBackup`, which also resumes mid-epoch and saves the seeds.)
 
     Args:
         backup_dir: as in `BackupAndRestore`.
@@ -71,6 +72,12 @@ class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
     def on_train_batch_end(self, batch, logs=None):
         if not self.guard.diverged:
             super().on_train_batch_end(batch, logs)
+
+    def on_train_end(self, logs=None):
+        # With delete_checkpoint=True the plain callback deletes the backup when fit ends; after
+        # a divergence that backup is the last good state the rollback needs.
+        if not self.guard.diverged:
+            super().on_train_end(logs)
 
 
 class Reseed(keras.callbacks.Callback):

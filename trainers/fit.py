@@ -3,13 +3,16 @@
     python -m trainers.fit --model jem --model_dir runs/jem            # digits, offline, minutes
     python -m trainers.fit --model jempp --dataset cifar10 --data_dir ~/tensorflow_datasets
     python -m trainers.fit --model sadajem --dataset cifar10 --epochs 10 --learning_rate 0.05
+    python -m trainers.fit --model jem --dataset cifar10 --strategy mirrored --save_freq 500
 
 Every hyperparameter has a flag; unset flags take the preset of the model and dataset
 (`trainers/presets.py`, the papers' settings for CIFAR). The run directory receives the resolved
-`config.json`, TensorBoard logs, a PNG grid of samples per epoch, a backup that includes the
-replay buffer (an interrupted run resumes from it when the same command is run again), the
-final `model.keras` and `metrics.json`. A diverging run is rolled back to the last backup and
-continued with a new seed (at most `--max_rollbacks` times).
+`config.json`, TensorBoard logs, a PNG grid of samples per epoch, a backup every `--save_freq`
+steps that includes the replay buffer, optimizer and random state (an interrupted run resumes
+from its epoch and step when the same command is run again), the final `model.keras` and
+`metrics.json`. `--strategy mirrored|multi_worker|tpu` trains on several devices or machines
+(batch sizes are global; see `keras_jem.distribute`). A diverging run is rolled back to the
+last backup and continued with a new seed (at most `--max_rollbacks` times).
 """
 
 import argparse
@@ -386,12 +389,17 @@ def run(config):
     # The strategy comes first: splitting a CPU into logical devices must precede any TF op.
     strategy = make_strategy(config)
     model_dir = config["model_dir"]
-    worker_index, num_workers, _ = distribute.worker_info(strategy)
+    worker_index = distribute.worker_info(strategy)[0]
     if worker_index:
         # Every worker writes its own files; only the chief's are the run's.
         model_dir = os.path.join(model_dir, "workers", f"worker_{worker_index}")
     os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "config.json"), "w") as f:
+    config_path = os.path.join(model_dir, "config.json")
+    previous_config = None
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            previous_config = f.read()
+    with open(config_path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     keras.utils.set_random_seed(config["seed"])
 
@@ -445,7 +453,14 @@ def run(config):
         try:
             restored = backup.restore_on_all_workers(model, strategy)
         except checkpointing.IncompatibleCheckpointError as error:
-            raise ConfigError(str(error)) from error
+            if previous_config is not None:  # keep the configuration of the existing run
+                with open(config_path, "w") as f:
+                    f.write(previous_config)
+            raise ConfigError(
+                f"{error} {model_dir} holds a run of another configuration (its settings are in "
+                f"{config_path}): rerun with those settings to resume it, or use a new "
+                "--model_dir."
+            ) from error
         if restored is None:
             backup.save(model)  # step 0: what a divergence before the first backup rolls to
         else:
