@@ -446,7 +446,11 @@ class JEM(keras.Model):
             seed: optional int seed for reproducible samples.
 
         Returns:
-            A float32 tensor `(num_samples, height, width, channels)` in the data range.
+            A float32 tensor `(num_samples, height, width, channels)` (clipped to the data range
+            when the sampler has a `clip_range`, as JEM++'s and SADA-JEM's do). With
+            `training=True` (the default of JEM++ and SADA-JEM) the sampler's forward passes
+            update BatchNorm moving statistics, as in the papers; pass `training=False` to
+            leave them untouched.
         """
         if not self.built:
             raise ValueError(

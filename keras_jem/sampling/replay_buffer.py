@@ -144,7 +144,7 @@ class ReplayBuffer(keras.layers.Layer):
     def is_adapted(self):
         if self.initialization != "gaussian_mixture":
             return True
-        return bool(self.built and float(keras.ops.convert_to_numpy(self.adapted)) > 0)
+        return bool(self.built and float(self.adapted.numpy()) > 0)
 
     def adapt(self, images, labels, seed=0):
         """Fits one Gaussian per class to `images` and refills the buffer from the mixture.

@@ -1,0 +1,382 @@
+"""Tests of the JEM-family models (JEM, JEMPP, SADAJEM) and the divergence callbacks."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+import testing
+
+import keras_jem
+from keras_jem import callbacks as jem_callbacks
+from keras_jem import sampling
+from keras_jem.optimizers import SAM
+
+MODEL_CLASSES = {"jem": keras_jem.JEM, "jempp": keras_jem.JEMPP, "sadajem": keras_jem.SADAJEM}
+
+
+def _cross_entropy(model, images, labels):
+    logits = model(images, training=False)
+    return float(keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
+        labels, logits, from_logits=True)))
+
+
+def _rows(images):
+    return {row.tobytes() for row in np.asarray(images, np.float32)}
+
+
+def _random_images(n, seed=0, low=-1.0, high=1.0):
+    return np.random.default_rng(seed).uniform(low, high, (n, 8, 8, 1)).astype("float32")
+
+
+class ValidationTest(testing.TestCase):
+    def test_num_classes(self):
+        for cls in MODEL_CLASSES.values():
+            for num_classes in (1, 0, 2.5):
+                with self.assertRaisesRegex(ValueError, "num_classes"):
+                    cls(backbone=testing.small_cnn(), num_classes=num_classes)
+
+    def test_negative_weights(self):
+        for name in ("px_weight", "pyx_weight", "pxy_weight", "energy_l2_weight",
+                     "weight_decay"):
+            with self.assertRaisesRegex(ValueError, f"`{name}` must be non-negative"):
+                keras_jem.JEM(backbone=testing.small_cnn(), num_classes=10, **{name: -0.1})
+        with self.assertRaisesRegex(ValueError, "At least one"):
+            keras_jem.JEM(backbone=testing.small_cnn(), num_classes=10, px_weight=0,
+                          pyx_weight=0)
+        with self.assertRaisesRegex(ValueError, "divergence_threshold"):
+            keras_jem.JEM(backbone=testing.small_cnn(), num_classes=10, divergence_threshold=0)
+
+    def test_conditional_sampling_needs_divisible_buffer(self):
+        for kwargs in ({"conditional_sampling": True}, {"pxy_weight": 1.0}):
+            for cls in MODEL_CLASSES.values():
+                with self.assertRaisesRegex(ValueError, "buffer_size=105 is not divisible.*110"):
+                    cls(backbone=testing.small_cnn(), num_classes=10, buffer_size=105, **kwargs)
+        # Divisible is fine, and unconditional sampling does not care.
+        keras_jem.JEM(backbone=testing.small_cnn(), num_classes=10, buffer_size=110,
+                      conditional_sampling=True)
+        keras_jem.JEM(backbone=testing.small_cnn(), num_classes=10, buffer_size=105)
+
+    def test_invalid_sampler_and_inputs(self):
+        with self.assertRaisesRegex(ValueError, "Sampler"):
+            keras_jem.JEM(backbone=testing.small_cnn(), num_classes=10, sampler="sgld")
+        model = keras_jem.JEM(backbone=testing.small_cnn(), num_classes=10, buffer_size=10)
+        with self.assertRaisesRegex(ValueError, "height, width, channels"):
+            model.build((None, 8, 8))
+        with self.assertRaisesRegex(ValueError, "not built"):
+            model.sample(num_samples=2)
+
+    def test_gaussian_mixture_needs_adapt_buffer(self):
+        images, labels = testing.load_digits(num_examples=64)
+        for cls, kwargs in ((keras_jem.JEMPP, {}), (keras_jem.SADAJEM, {}),
+                            (keras_jem.JEM, {"buffer_init": "gaussian_mixture"})):
+            model = testing.make_model(cls, buffer_size=20, **kwargs)
+            model.compile(optimizer="adam")
+            weights = [w.copy() for w in model.get_weights()]
+            with self.assertRaisesRegex(ValueError, r"adapt_buffer\(images, labels\)"):
+                model.fit(images, labels, epochs=1, verbose=0)
+            # Nothing ran.
+            self.assertEqual(int(model.optimizer.iterations), 0)
+            for after, before in zip(model.get_weights(), weights):
+                self.assertAllEqual(after, before)
+
+    def test_labels_required(self):
+        model = testing.make_model(buffer_size=20)
+        model.compile(optimizer="adam")
+        with self.assertRaisesRegex(ValueError, "needs labels"):
+            model.fit(_random_images(8), epochs=1, verbose=0)
+
+    def test_sample_argument_errors(self):
+        model = testing.make_model(buffer_size=20)
+        with self.assertRaisesRegex(ValueError, r"\[0, 10\)"):
+            model.sample(y=[0, 10])
+        with self.assertRaisesRegex(ValueError, r"x_init.*\(n, 8, 8, 1\)"):
+            model.sample(x_init=np.zeros((2, 4, 4, 1)))
+        with self.assertRaisesRegex(ValueError, "not both"):
+            model.sample(x_init=np.zeros((2, 8, 8, 1)), from_buffer=True)
+        with self.assertRaisesRegex(ValueError, "num_samples"):
+            model.sample()
+        with self.assertRaisesRegex(ValueError, "holds 2 entries but num_samples=3"):
+            model.sample(num_samples=3, y=[1, 2])
+
+
+class TrainingTest(testing.TestCase):
+    """A few `fit` steps of each model on digits (trained once for the whole class)."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        keras.utils.set_random_seed(0)
+        cls.images, cls.labels = testing.load_digits(num_examples=256)
+        cls.models, cls.histories, cls.ce_before, cls.buffers_before = {}, {}, {}, {}
+        for name, model_cls in MODEL_CLASSES.items():
+            adapt = None if model_cls is keras_jem.JEM else (cls.images, cls.labels)
+            model = testing.make_model(model_cls, backbone=testing.small_cnn(norm="batch"),
+                                       buffer_size=200, adapt=adapt, seed=3)
+            model.compile(optimizer=keras.optimizers.Adam(1e-2))
+            cls.ce_before[name] = _cross_entropy(model, cls.images, cls.labels)
+            cls.buffers_before[name] = model.buffer.images.numpy().copy()
+            cls.histories[name] = model.fit(cls.images, cls.labels, batch_size=64, epochs=4,
+                                            verbose=0).history
+            cls.models[name] = model
+
+    @testing.parameterized.named_parameters(*[(name, name) for name in MODEL_CLASSES])
+    def test_fit_decreases_cross_entropy(self, name):
+        model, history = self.models[name], self.histories[name]
+        ce_after = _cross_entropy(model, self.images, self.labels)
+        self.assertLess(ce_after, self.ce_before[name] - 0.2, history)
+        self.assertLess(history["loss_ce"][-1], history["loss_ce"][0])
+        for key in ("loss", "loss_ce", "loss_px", "energy_data", "energy_samples", "accuracy"):
+            self.assertIn(key, history)
+            self.assertTrue(np.isfinite(history[key]).all(), (key, history[key]))
+        self.assertEqual(history["diverged"], [0.0] * 4)
+        self.assertEqual(int(model.optimizer.iterations), 16)
+
+    @testing.parameterized.named_parameters(*[(name, name) for name in MODEL_CLASSES])
+    def test_buffer_written_during_training(self, name):
+        before = self.buffers_before[name]
+        after = self.models[name].buffer.images.numpy()
+        changed = np.abs(after - before).reshape(len(before), -1).max(-1) > 0
+        # 16 steps x 64 draws from 200 chains: nearly every chain was continued.
+        self.assertGreater(changed.mean(), 0.9)
+        self.assertTrue(np.isfinite(after).all())
+        if name != "jem":  # JEM++ and SADA-JEM clamp chains to the data range
+            self.assertAllInRange(after, -1.0, 1.0)
+
+    @testing.parameterized.named_parameters(*[(name, name) for name in MODEL_CLASSES])
+    def test_energy(self, name):
+        model = self.models[name]
+        x, y = self.images[:9], self.labels[:9]
+        logits = testing.to_numpy(model(x, training=False)).astype("float64")
+        top = logits.max(-1)
+        logsumexp = np.log(np.exp(logits - top[:, None]).sum(-1)) + top
+        self.assertAllClose(model.energy(x), -logsumexp, rtol=1e-5, atol=1e-5)
+        self.assertAllClose(model.energy(x, y), -logits[np.arange(9), y], rtol=1e-6, atol=1e-6)
+
+    def test_sample_shapes_and_ranges(self):
+        for name, model in self.models.items():
+            samples = testing.to_numpy(model.sample(num_samples=5, num_steps=2, seed=1))
+            self.assertEqual(samples.shape, (5, 8, 8, 1))
+            self.assertEqual(samples.dtype, np.float32)
+            self.assertTrue(np.isfinite(samples).all())
+            if name != "jem":
+                self.assertAllInRange(samples, -1.0, 1.0)
+        labelled = self.models["jempp"].sample(y=[0, 1, 2], num_steps=1, seed=1)
+        self.assertEqual(tuple(labelled.shape), (3, 8, 8, 1))
+        self.assertAllInRange(labelled, -1.0, 1.0)
+
+    def test_sample_reproducible_with_seed(self):
+        model = self.models["jem"]
+        first = model.sample(num_samples=4, num_steps=2, seed=5)
+        self.assertAllEqual(first, model.sample(num_samples=4, num_steps=2, seed=5))
+        self.assertNotAllClose(first, model.sample(num_samples=4, num_steps=2, seed=6))
+
+    def test_sample_from_x_init_and_labels_follows_the_sampler(self):
+        model = self.models["jem"]
+        start = _random_images(4, seed=2)
+        labels = np.array([3, 1, 4, 1])
+        seed = sampling.noise.fold_in(tf.constant([11, 17], tf.int64), 3)
+        samples = model.sample(x_init=start, num_steps=3, seed=11)
+        expected = model.sampler.run(lambda v: model.energy(v, training=False), start,
+                                     seed=seed, num_steps=3)
+        self.assertAllClose(samples, expected, atol=1e-5)
+        conditional = model.sample(x_init=start, y=labels, num_steps=3, seed=11)
+        expected = model.sampler.run(lambda v: model.energy(v, labels, training=False), start,
+                                     seed=seed, num_steps=3)
+        self.assertAllClose(conditional, expected, atol=1e-5)
+        self.assertNotAllClose(conditional, samples)
+
+    def test_sample_from_buffer_writes_back(self):
+        model = self.models["jem"]
+        before = model.buffer.images.numpy().copy()
+        samples = testing.to_numpy(model.sample(num_samples=6, num_steps=2, from_buffer=True,
+                                                seed=7))
+        after = model.buffer.images.numpy()
+        changed = np.flatnonzero(np.abs(after - before).reshape(200, -1).max(-1) > 0)
+        self.assertLen(changed, 6)
+        self.assertEqual(_rows(after[changed]), _rows(samples))
+        # The chains were continued from the buffer, not from fresh noise: each sample is close
+        # to the buffer entry it replaced (2 steps of size 1 with small input gradients).
+        self.assertLess(np.abs(after[changed] - before[changed]).max(), 0.5)
+
+    def test_class_conditional_sample_from_buffer(self):
+        model = self.models["sadajem"]  # buffer of 200 chains: blocks of 20 per class
+        before = model.buffer.images.numpy().copy()
+        samples = testing.to_numpy(model.sample(y=[7, 7, 2], num_steps=1, from_buffer=True,
+                                                seed=3))
+        after = model.buffer.images.numpy()
+        changed = np.flatnonzero(np.abs(after - before).reshape(200, -1).max(-1) > 0)
+        self.assertTrue(all(140 <= i < 160 or 40 <= i < 60 for i in changed), changed)
+        self.assertTrue(_rows(samples) <= _rows(after))
+
+    def test_config_round_trip(self):
+        for name, model in self.models.items():
+            config = json.loads(json.dumps(model.get_config()))
+            restored = model.__class__.from_config(config)
+            self.assertEqual(json.loads(json.dumps(restored.get_config())), config)
+            self.assertIsInstance(restored, model.__class__)
+            self.assertEqual(restored.sampler.get_config(), model.sampler.get_config())
+            self.assertEqual(type(restored.sampler), type(model.sampler))
+            for attribute in ("num_classes", "buffer_size", "buffer_init", "px_weight",
+                              "sample_in_training_mode", "divergence_threshold"):
+                self.assertEqual(getattr(restored, attribute), getattr(model, attribute))
+            if name == "sadajem":
+                self.assertEqual(restored.sam.get_config(), model.sam.get_config())
+            restored(self.images[:1])
+            restored.set_weights(model.get_weights())
+            self.assertAllClose(restored(self.images[:4]), model(self.images[:4]), atol=1e-6)
+
+    def test_non_default_config_round_trip(self):
+        model = keras_jem.JEM(
+            backbone=testing.small_cnn(), num_classes=4, buffer_size=40,
+            sampler=sampling.SGLD(num_steps=2, step_size=0.5, clip_range=(-1, 1)),
+            reinit_probability=0.1, conditional_sampling=True, px_weight=0.5, pyx_weight=2.0,
+            pxy_weight=0.3, energy_l2_weight=0.1, sample_in_training_mode=True,
+            divergence_threshold=1e4, sam=SAM(rho=0.1), buffer_covariance="diagonal",
+            weight_decay=1e-4, seed=9,
+        )
+        config = json.loads(json.dumps(model.get_config()))
+        restored = keras_jem.JEM.from_config(config)
+        self.assertEqual(json.loads(json.dumps(restored.get_config())), config)
+        self.assertEqual(restored.sam.rho, 0.1)
+        self.assertIsNone(keras_jem.SADAJEM.from_config(
+            keras_jem.SADAJEM(backbone=testing.small_cnn(), num_classes=3, sam=None).get_config()
+        ).sam)
+
+    def test_save_and_load_in_fresh_process(self):
+        directory = self.get_temp_dir()
+        x = _random_images(6, seed=9)
+        np.save(os.path.join(directory, "x.npy"), x)
+        for name, model in self.models.items():
+            model.save(os.path.join(directory, f"{name}.keras"))
+        code = f"""
+            import json, os
+            import numpy as np
+            import keras
+            import keras_jem
+            directory = {directory!r}
+            x = np.load(os.path.join(directory, "x.npy"))
+            info = {{}}
+            for name in {sorted(self.models)!r}:
+                model = keras.saving.load_model(os.path.join(directory, name + ".keras"))
+                arrays = {{
+                    "logits": model(x, training=False),
+                    "energy": model.energy(x),
+                    "class_energy": model.energy(x, np.arange(6) % 10),
+                    "buffer": model.buffer.images.numpy(),
+                }}
+                if name != "jem":
+                    arrays["class_means"] = model.buffer.class_means.numpy()
+                    arrays["class_scales"] = model.buffer.class_scales.numpy()
+                if name == "jempp":
+                    arrays["samples"] = model.sample(num_samples=3, num_steps=1, seed=0)
+                for key, value in arrays.items():
+                    np.save(os.path.join(directory, name + "_" + key + ".npy"),
+                            keras.ops.convert_to_numpy(value))
+                info[name] = {{"class": type(model).__name__,
+                              "sampler": type(model.sampler).__name__,
+                              "adapted": model.buffer.is_adapted}}
+            print(json.dumps(info))
+        """
+        info = json.loads(testing.run_in_subprocess(code).strip().splitlines()[-1])
+        for name, model in self.models.items():
+            self.assertEqual(info[name]["class"], type(model).__name__)
+            self.assertEqual(info[name]["sampler"], type(model.sampler).__name__)
+            self.assertTrue(info[name]["adapted"])
+
+            def loaded(key, name=name):
+                return np.load(os.path.join(directory, f"{name}_{key}.npy"))
+
+            self.assertAllEqual(loaded("logits"), testing.to_numpy(model(x, training=False)))
+            self.assertAllEqual(loaded("energy"), testing.to_numpy(model.energy(x)))
+            self.assertAllEqual(loaded("class_energy"),
+                                testing.to_numpy(model.energy(x, np.arange(6) % 10)))
+            self.assertAllEqual(loaded("buffer"), model.buffer.images.numpy())
+            if name != "jem":
+                self.assertAllEqual(loaded("class_means"), model.buffer.class_means.numpy())
+                self.assertAllEqual(loaded("class_scales"), model.buffer.class_scales.numpy())
+        samples = np.load(os.path.join(directory, "jempp_samples.npy"))
+        self.assertEqual(samples.shape, (3, 8, 8, 1))
+        self.assertAllInRange(samples, -1.0, 1.0)
+
+
+class DivergenceTest(testing.TestCase):
+    def test_tiny_threshold_reports_divergence_and_guard_stops_fit(self):
+        images, labels = testing.load_digits(num_examples=128)
+        model = testing.make_model(buffer_size=64, divergence_threshold=1e-3)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        guard = jem_callbacks.DivergenceGuard()
+        history = model.fit(images, labels, batch_size=32, epochs=3, callbacks=[guard],
+                            verbose=0).history
+        self.assertTrue(guard.diverged)
+        epoch, batch, logs = guard.diverged_at
+        self.assertEqual((epoch, batch), (0, 0))
+        self.assertEqual(logs["diverged"], 1.0)
+        self.assertEqual(int(model.optimizer.iterations), 1)
+        self.assertLen(history["loss"], 1)
+
+
+class GuardedBackupTest(testing.TestCase):
+    """Epoch 0 trains normally; the second batch of epoch 1 blows the energies up."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        keras.utils.set_random_seed(0)
+        images, labels = testing.load_digits(num_examples=128)
+        images[96:] = 1e9  # batch 3 = epoch 1, batch 1: energies ~1e5
+        dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(32)
+        cls.model = testing.make_model(buffer_size=64, divergence_threshold=1e3)
+        cls.model.compile(optimizer=keras.optimizers.SGD(1e-3))
+        cls.directory = os.path.join(
+            os.environ.get("TEST_TMPDIR", "/tmp"), f"guarded_backup_{os.getpid()}")
+        cls.keep_dir = os.path.join(cls.directory, "keep")
+        cls.default_dir = os.path.join(cls.directory, "default")
+        cls.guard = jem_callbacks.DivergenceGuard()
+        cls.good_weights = {}
+
+        class Snapshot(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                cls.good_weights[epoch] = [w.copy() for w in self.model.get_weights()]
+
+        cls.history = cls.model.fit(
+            dataset.repeat(), steps_per_epoch=2, epochs=4, verbose=0, shuffle=False,
+            callbacks=[
+                cls.guard,
+                jem_callbacks.GuardedBackupAndRestore(cls.keep_dir, cls.guard,
+                                                      delete_checkpoint=False),
+                jem_callbacks.GuardedBackupAndRestore(cls.default_dir, cls.guard),
+                Snapshot(),
+            ],
+        ).history
+
+    @classmethod
+    def tearDownClass(cls):
+        import shutil
+
+        shutil.rmtree(cls.directory, ignore_errors=True)
+        super().tearDownClass()
+
+    def test_guard_records_divergence(self):
+        self.assertTrue(self.guard.diverged)
+        self.assertEqual(self.guard.diverged_at[:2], (1, 1))
+        self.assertGreater(self.guard.diverged_at[2]["diverged"], 0)
+        self.assertLen(self.history["loss"], 2)
+        self.assertEqual(self.history["diverged"][0], 0.0)
+
+    def test_backup_keeps_last_good_state(self):
+        with open(os.path.join(self.keep_dir, "training_metadata.json")) as f:
+            self.assertEqual(json.load(f)["epoch"], 1)
+        restored = testing.make_model(buffer_size=64, divergence_threshold=1e3)
+        restored.load_weights(os.path.join(self.keep_dir, "latest.weights.h5"))
+        for actual, expected in zip(restored.get_weights(), self.good_weights[0]):
+            self.assertAllEqual(actual, expected)
+        # The model itself went on past the good state.
+        self.assertTrue(any(np.any(a != b) for a, b in
+                            zip(self.model.get_weights(), self.good_weights[0])))
+
+    def test_backup_survives_divergence_with_default_arguments(self):
+        # With the default delete_checkpoint=True, the end of the stopped run must not delete
+        # the last good backup: it is what the rollback restores.
+        self.assertTrue(os.path.exists(os.path.join(self.default_dir, "latest.weights.h5")))

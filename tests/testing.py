@@ -1,0 +1,181 @@
+"""Shared helpers for the keras-jem tests: a TestCase, tiny models, data and subprocesses.
+
+Tests import it as `import testing` (pytest puts `tests/` on `sys.path`); it holds no tests.
+"""
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+import keras_jem
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS_SHAPE = (8, 8, 1)
+NUM_CLASSES = 10
+
+
+class TestCase(tf.test.TestCase, parameterized.TestCase):
+    """Base test case: fresh Keras session and fixed seeds for every test."""
+
+    # tf.test.TestCase's deprecated `test_session` context manager is not a test.
+    test_session = None
+
+    def setUp(self):
+        super().setUp()
+        keras.backend.clear_session(free_memory=False)  # gc.collect costs ~0.25 s per test
+        keras.utils.set_random_seed(1337)
+
+    def _GetNdArray(self, a):
+        # Keras variables: read them directly (np.array(variable) warns under NumPy 2).
+        if isinstance(a, keras.Variable):
+            a = a.numpy()
+        return super()._GetNdArray(a)
+
+    def assertAllInRange(self, values, low, high):
+        values = to_numpy(values)
+        self.assertGreaterEqual(float(values.min()), low)
+        self.assertLessEqual(float(values.max()), high)
+
+
+def to_numpy(x):
+    if isinstance(x, (keras.Variable, tf.Variable)):
+        return np.asarray(x.numpy())
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+# === Tiny models ===
+
+
+def small_cnn(filters=(8, 16), feature_dim=32, **kwargs):
+    """A tiny `SmallCNN` (imported from its module until `keras_jem.backbones` re-exports it)."""
+    cls = getattr(keras_jem.backbones, "SmallCNN", None)
+    if cls is None:
+        from keras_jem.backbones.small_cnn import SmallCNN as cls
+    return cls(filters=filters, feature_dim=feature_dim, **kwargs)
+
+
+def tiny_sgld(num_steps=3, step_size=1.0, noise_scale=0.01, **kwargs):
+    return keras_jem.sampling.SGLD(
+        num_steps=num_steps, step_size=step_size, noise_scale=noise_scale, **kwargs
+    )
+
+
+def tiny_proximal(num_steps=2, inner_steps=2, **kwargs):
+    return keras_jem.sampling.ProximalSGLD(num_steps=num_steps, inner_steps=inner_steps, **kwargs)
+
+
+def make_model(cls=None, image_shape=DIGITS_SHAPE, num_classes=NUM_CLASSES, backbone=None,
+               buffer_size=100, seed=1, build=True, adapt=None, **kwargs):
+    """A tiny JEM-family model on a tiny SmallCNN, built (and adapted) for `image_shape`.
+
+    Args:
+        cls: `keras_jem.JEM` (default), `JEMPP` or `SADAJEM`.
+        adapt: optional `(images, labels)` passed to `adapt_buffer` (needed for the
+            gaussian-mixture buffer of JEMPP/SADAJEM).
+        **kwargs: model arguments; the sampler defaults to a 3-step SGLD for JEM/SADAJEM and a
+            2x2-step ProximalSGLD for JEMPP.
+    """
+    cls = cls or keras_jem.models.JEM
+    if "sampler" not in kwargs:
+        if issubclass(cls, keras_jem.models.JEMPP):
+            kwargs["sampler"] = tiny_proximal()
+        elif issubclass(cls, keras_jem.models.SADAJEM):
+            kwargs["sampler"] = tiny_sgld(noise_scale=0.0, gradient_clip=1.0,
+                                          clip_range=(-1.0, 1.0))
+        else:
+            kwargs["sampler"] = tiny_sgld()
+    model = cls(
+        backbone=backbone if backbone is not None else small_cnn(),
+        num_classes=num_classes,
+        buffer_size=buffer_size,
+        seed=seed,
+        **kwargs,
+    )
+    if build:
+        model(np.zeros((1,) + tuple(image_shape), "float32"))
+    if adapt is not None:
+        model.adapt_buffer(*adapt, seed=seed)
+    return model
+
+
+@keras.saving.register_keras_serializable(package="keras_jem_tests")
+class DenseBackbone(keras.layers.Layer):
+    """`features = tanh(flatten(x) @ kernel + bias)`: a backbone simple enough to differentiate
+    by hand, with the backbone contract (`feature_dim`, `stem`, `call_from_stem`)."""
+
+    def __init__(self, feature_dim=4, **kwargs):
+        super().__init__(**kwargs)
+        self.feature_dim = feature_dim
+
+    def build(self, input_shape):
+        dim = int(np.prod(input_shape[1:]))
+        self.kernel = self.add_weight(name="kernel", shape=(dim, self.feature_dim),
+                                      initializer="glorot_uniform")
+        self.bias = self.add_weight(name="bias", shape=(self.feature_dim,),
+                                    initializer="random_normal")
+
+    def stem(self, x):
+        return keras.ops.reshape(x, (keras.ops.shape(x)[0], -1))
+
+    def call_from_stem(self, h, training=False):
+        return keras.ops.tanh(keras.ops.matmul(h, self.kernel) + self.bias)
+
+    def call(self, x, training=None):
+        return self.call_from_stem(self.stem(x), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config["feature_dim"] = self.feature_dim
+        return config
+
+
+# === Data ===
+
+
+@functools.cache
+def _digits(split):
+    from keras_jem import data
+
+    return data.load("digits", split)
+
+
+def load_digits(split="train", num_examples=None):
+    """scikit-learn digits in [-1, 1] (cached), optionally the first `num_examples` of them."""
+    images, labels = _digits(split)
+    if num_examples is not None:
+        images, labels = images[:num_examples], labels[:num_examples]
+    return images.copy(), labels.copy()
+
+
+# === Subprocesses ===
+
+
+def run_in_subprocess(code, timeout=240):
+    """Runs `code` with `python -c` in a fresh interpreter (repo on the path); returns stdout.
+
+    Raises an `AssertionError` with the child's stderr if it fails.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("KERAS_BACKEND", "tensorflow")
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"Subprocess failed with code {result.returncode}.\n"
+            f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-6000:]}"
+        )
+    return result.stdout
