@@ -1,0 +1,279 @@
+"""Draw samples from a trained model and write them as PNG grids.
+
+Usage:
+
+```
+python -m trainers.sample --model_dir runs/igebm_digits --task cond
+python -m trainers.sample --model_dir runs/igebm_digits --task inpaint --num_samples 16
+python -m trainers.sample --model_dir runs/igebm_digits --task compose --labels 3,8
+```
+
+Reads `MODEL_DIR/model.keras` and `MODEL_DIR/config.json` (written by `trainers.fit`) and writes
+`--output` (default `MODEL_DIR/samples_<task>.png`). Tasks:
+
+- `uncond`: samples from noise (a conditional model draws random labels).
+- `cond`: one row per label of `--labels` (default: every class), `--num_samples` per row.
+- `inpaint`: rows = test images, the images with the `--mask` region grey, the completions
+  (Langevin dynamics on the masked pixels only).
+- `denoise`: rows = test images, salt-and-pepper corrupted (`--fraction`), restored
+  (`--num_rounds` rounds of `--num_steps` steps).
+- `compose`: rows = samples of each label of `--labels`, then samples of the sum of their
+  energies (the product of the conditionals), all from the same starting noise.
+
+A JSON summary (task, path, settings and, for inpaint/denoise, the mean squared errors to the
+clean images) is printed on stdout. Bad input exits with code 2 before any sampling.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+TASKS = ("uncond", "cond", "inpaint", "denoise", "compose")
+MASKS = ("bottom", "top", "left", "right", "center", "random")
+
+
+class SampleError(Exception):
+    """Bad input found before sampling (exit code 2)."""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m trainers.sample",
+        description="Sample from a trained keras-jem model and save PNG grids.",
+    )
+    add = parser.add_argument
+    add("--model_dir", required=True, help="directory written by trainers.fit")
+    add("--task", required=True, choices=TASKS)
+    add("--labels", default=None,
+        help="comma-separated labels (cond: rows, default all classes; compose: >= 2 labels)")
+    add("--num_samples", type=int, default=None,
+        help="samples (uncond: total, default 64; cond/compose: per row, default 8; "
+             "inpaint/denoise: test images, default 16)")
+    add("--num_steps", type=int, default=None,
+        help="sampler steps (default: the model's sampler; denoise: per round)")
+    add("--output", default=None, help="PNG path (default MODEL_DIR/samples_<task>.png)")
+    add("--checkpoint", default=None, help="a .keras file to use instead of MODEL_DIR/model.keras")
+    add("--seed", type=int, default=0)
+    add("--from_buffer", action="store_true",
+        help="uncond/cond: continue chains of the replay buffer instead of starting from noise")
+    add("--split", default="test", help="inpaint/denoise: data split (default test)")
+    add("--data_dir", default=None, help="TFDS data directory (default: config.json)")
+    add("--mask", default="bottom", choices=MASKS,
+        help="inpaint: region to fill in (default: the bottom half)")
+    add("--fraction", type=float, default=0.1,
+        help="denoise: fraction of salt-and-pepper pixels (IGEBM: 0.1)")
+    add("--num_rounds", type=int, default=5, help="denoise: rounds of sampling (IGEBM: 5)")
+    add("--conditional", action="store_true",
+        help="inpaint/denoise: use the true labels' class energy E(x, y)")
+    return parser
+
+
+def _parse_labels(text):
+    try:
+        return [int(item) for item in str(text).split(",") if item.strip()]
+    except ValueError:
+        raise SampleError(f"--labels must be comma-separated integers. Received: {text!r}")
+
+
+def validate_args(args):
+    """Cheap checks that need neither TensorFlow nor the model."""
+    for name in ("num_samples", "num_steps", "num_rounds"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "num_steps" else 1):
+            raise SampleError(f"--{name} must be positive. Received: {value}")
+    if not 0.0 <= args.fraction <= 1.0:
+        raise SampleError(f"--fraction must be in [0, 1]. Received: {args.fraction}")
+    args.labels = None if args.labels is None else _parse_labels(args.labels)
+    if args.task == "compose" and (args.labels is None or len(args.labels) < 2):
+        raise SampleError("--task compose needs at least two labels, e.g. --labels 3,8.")
+    if args.from_buffer and args.task not in ("uncond", "cond"):
+        raise SampleError("--from_buffer applies to --task uncond or cond only.")
+    model_dir = os.path.expanduser(args.model_dir)
+    if not os.path.isdir(model_dir):
+        raise SampleError(f"--model_dir {model_dir!r} does not exist.")
+    args.model_dir = model_dir
+    args.model_path = os.path.expanduser(args.checkpoint or os.path.join(model_dir, "model.keras"))
+    if not os.path.isfile(args.model_path):
+        raise SampleError(
+            f"No trained model at {args.model_path!r}. Train one with "
+            f"`python -m trainers.fit --model_dir {model_dir} ...` or pass --checkpoint."
+        )
+    config_path = os.path.join(model_dir, "config.json")
+    args.config = {}
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path) as f:
+                args.config = json.load(f)
+        except (OSError, ValueError) as error:
+            raise SampleError(f"Could not read {config_path!r}: {error}") from None
+    args.dataset = args.config.get("dataset")
+    args.data_dir = args.data_dir or args.config.get("data_dir")
+    if args.task in ("inpaint", "denoise") and not args.dataset:
+        raise SampleError(
+            f"--task {args.task} needs data: {config_path!r} is missing or has no 'dataset'."
+        )
+    args.output = os.path.expanduser(
+        args.output or os.path.join(model_dir, f"samples_{args.task}.png")
+    )
+    return args
+
+
+def load_model(path):
+    import keras
+
+    import keras_jem  # noqa: F401  (registers the serializable classes)
+
+    for module in ("keras_jem.models.gmmc", "keras_jem.models.igebm", "keras_jem.generation"):
+        __import__(module)
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as error:  # noqa: BLE001  (any loading problem is bad input here)
+        raise SampleError(
+            f"Could not load the model from {path!r}: {type(error).__name__}: {error}"
+        ) from None
+
+
+def _check_labels(model, labels):
+    num_classes = int(getattr(model, "num_classes", 1))
+    conditional = getattr(model, "conditional", True) and num_classes > 1
+    if labels is None:
+        return list(range(num_classes))
+    if not conditional:
+        raise SampleError("This model is unconditional: it takes no --labels.")
+    bad = [label for label in labels if not 0 <= label < num_classes]
+    if bad:
+        raise SampleError(f"--labels {bad} are not classes of the model (0..{num_classes - 1}).")
+    return labels
+
+
+def make_mask(kind, image_shape, seed=0):
+    """Boolean (h, w) mask, True on the region to fill in."""
+    import numpy as np
+
+    height, width = image_shape[:2]
+    mask = np.zeros((height, width), bool)
+    if kind == "bottom":
+        mask[height // 2:] = True
+    elif kind == "top":
+        mask[: height // 2] = True
+    elif kind == "left":
+        mask[:, : width // 2] = True
+    elif kind == "right":
+        mask[:, width // 2:] = True
+    elif kind == "center":
+        mask[height // 4: height - height // 4, width // 4: width - width // 4] = True
+    else:
+        mask = np.random.default_rng(seed).uniform(size=(height, width)) < 0.5
+    return mask
+
+
+def _load_images(args, model, count):
+    import numpy as np
+
+    from keras_jem import data as data_lib
+
+    try:
+        images, labels = data_lib.load(args.dataset, split=args.split, data_dir=args.data_dir)
+    except (ValueError, RuntimeError) as error:
+        raise SampleError(f"Could not load {args.dataset!r} ({args.split}): {error}") from None
+    if tuple(images.shape[1:]) != tuple(model.image_shape):
+        raise SampleError(
+            f"{args.dataset!r} images have shape {images.shape[1:]}, the model takes "
+            f"{model.image_shape}."
+        )
+    order = np.random.default_rng(args.seed).permutation(len(images))[:count]
+    return images[order], labels[order]
+
+
+def run(args):
+    import keras
+    import numpy as np
+
+    from keras_jem import generation
+    from keras_jem.metrics import images as image_lib
+
+    model = load_model(args.model_path)
+    if not getattr(model, "built", False) or getattr(model, "image_shape", None) is None:
+        raise SampleError(f"The model in {args.model_path!r} is not built (no image_shape).")
+    summary = {"task": args.task, "model_path": args.model_path, "output": args.output,
+               "seed": args.seed, "num_steps": args.num_steps}
+    start = time.time()
+    to_numpy = keras.ops.convert_to_numpy
+    task = args.task
+    if task == "uncond":
+        count = args.num_samples or 64
+        grid = to_numpy(model.sample(num_samples=count, num_steps=args.num_steps,
+                                     from_buffer=args.from_buffer, seed=args.seed))
+        num_cols = None
+    elif task == "cond":
+        labels = _check_labels(model, args.labels)
+        per_row = args.num_samples or 8
+        summary["labels"] = labels
+        grid = to_numpy(model.sample(y=np.repeat(labels, per_row), num_steps=args.num_steps,
+                                     from_buffer=args.from_buffer, seed=args.seed))
+        num_cols = per_row
+    elif task == "compose":
+        labels = _check_labels(model, args.labels)
+        per_row = args.num_samples or 8
+        summary["labels"] = labels
+        x_init = np.random.default_rng(args.seed).uniform(
+            -1.0, 1.0, (per_row,) + tuple(model.image_shape)).astype(np.float32)
+        # Each label alone (one sampler run for all rows), then their sum, from the same noise.
+        single = to_numpy(generation.langevin(
+            model, np.tile(x_init, (len(labels), 1, 1, 1)), y=np.repeat(labels, per_row),
+            num_steps=args.num_steps, seed=args.seed))
+        composed = to_numpy(generation.compose([(model, label) for label in labels],
+                                               x_init=x_init, num_steps=args.num_steps,
+                                               seed=args.seed))
+        target = generation.EnergySum([(model, label) for label in labels])
+        summary["summed_energy_start"] = float(np.mean(to_numpy(target.energy(x_init))))
+        summary["summed_energy_composed"] = float(np.mean(to_numpy(target.energy(composed))))
+        grid = np.concatenate([single, composed])
+        num_cols = per_row
+    else:
+        count = args.num_samples or 16
+        images, labels = _load_images(args, model, count)
+        y = labels if args.conditional else None
+        if y is not None:
+            _check_labels(model, [int(v) for v in set(labels.tolist())])
+        if task == "inpaint":
+            mask = make_mask(args.mask, model.image_shape, args.seed)
+            full_mask = np.broadcast_to(mask[None, :, :, None], images.shape)
+            shown = np.where(full_mask, 0.0, images).astype(np.float32)  # mid-grey mask
+            result = to_numpy(generation.inpaint(model, images, mask, num_steps=args.num_steps,
+                                                 y=y, seed=args.seed))
+            summary["mask"] = args.mask
+            summary["mse_masked_region"] = float(np.mean((result - images)[full_mask] ** 2))
+            summary["unmasked_identical"] = bool(np.array_equal(result[~full_mask],
+                                                                images[~full_mask]))
+        else:
+            shown = generation.salt_and_pepper(images, args.fraction, seed=args.seed)
+            result = to_numpy(generation.denoise(model, shown, num_rounds=args.num_rounds,
+                                                 num_steps=args.num_steps, y=y, seed=args.seed))
+            summary["fraction"] = args.fraction
+            summary["num_rounds"] = args.num_rounds
+            summary["mse_corrupted"] = float(np.mean((shown - images) ** 2))
+            summary["mse_denoised"] = float(np.mean((result - images) ** 2))
+        grid = np.concatenate([images, shown, result])
+        num_cols = count
+    image_lib.save_image_grid(grid, args.output, num_cols=num_cols)
+    summary["seconds"] = round(time.time() - start, 2)
+    return summary
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        validate_args(args)
+        summary = run(args)
+    except SampleError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
