@@ -25,7 +25,7 @@ def two_replicas(tmp_path_factory):
     env.pop("TF_CONFIG", None)
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "tests", "distribute_checks.py"), str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
         check=False,
     )
     if not out.exists():

@@ -206,10 +206,13 @@ class JEM(keras.Model):
         self.head.build((None, self.backbone.feature_dim))
 
     def call(self, inputs, training=None):
-        return self.head(self.backbone(self._images(inputs), training=training))
+        return self.logits_from_features(
+            self.backbone(self._images(inputs), training=training))
 
     def logits_from_features(self, features):
-        return self.head(features)
+        # float32 logits under a mixed-precision policy, so that energies (logsumexp), losses
+        # and the sampler's gradient start in float32 (a no-op under the float32 policy).
+        return keras.ops.cast(self.head(features), "float32")
 
     def energy(self, x, y=None, training=False):
         """Energy `E(x)` (y None) or `E(x, y)` per example; lower means more likely."""

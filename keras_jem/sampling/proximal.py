@@ -79,7 +79,7 @@ class ProximalSGLD(Sampler):
 
         def outer(i, x):
             if has_stem:
-                with tf.GradientTape() as tape:
+                with tf.GradientTape(watch_accessed_variables=False) as tape:
                     stem_output = target.stem(x)
                     tape.watch(stem_output)
                     total = tf.reduce_sum(
@@ -89,7 +89,7 @@ class ProximalSGLD(Sampler):
                 stem_gradient = tf.stop_gradient(tape.gradient(total, stem_output))
 
                 def inner(j, x):
-                    with tf.GradientTape() as inner_tape:
+                    with tf.GradientTape(watch_accessed_variables=False) as inner_tape:
                         inner_tape.watch(x)
                         linear = tf.reduce_sum(
                             tf.cast(target.stem(x), tf.float32) * tf.cast(stem_gradient, tf.float32)
@@ -97,9 +97,10 @@ class ProximalSGLD(Sampler):
                     return j + 1, self._inner_update(x, inner_tape.gradient(linear, x))
 
             else:
-                with tf.GradientTape() as tape:
+                with tf.GradientTape(watch_accessed_variables=False) as tape:
                     tape.watch(x)
-                    total = tf.reduce_sum(target.energy(x, y=y, training=training))
+                    total = tf.reduce_sum(
+                        tf.cast(target.energy(x, y=y, training=training), tf.float32))
                 input_gradient = tf.stop_gradient(tape.gradient(total, x))
 
                 def inner(j, x):

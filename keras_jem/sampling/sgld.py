@@ -58,7 +58,8 @@ class SGLD(Sampler):
 
     def step(self, energy_fn, x, seed):
         """One SGLD step under `energy_fn(x) -> (batch,)`; returns the new x."""
-        with tf.GradientTape() as tape:
+        # Only x is watched: the tape records nothing about the weights while sampling.
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(x)
             total_energy = tf.reduce_sum(tf.cast(energy_fn(x), tf.float32))
         gradient = tape.gradient(total_energy, x)
