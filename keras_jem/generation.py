@@ -202,7 +202,7 @@ def inpaint(model, images, mask, num_steps=None, y=None, sampler=None, seed=None
     return run(tf.constant(images), tf.constant(mask), _seed_tensor(seed))
 
 
-def denoise(model, images, num_rounds=5, num_steps=None, y=None, sampler=None, seed=None,
+def denoise(model, images, num_rounds=5, num_steps=5, y=None, sampler=None, seed=None,
             training=False):
     """Restores corrupted images (e.g. `salt_and_pepper`) by sampling from them.
 
@@ -214,7 +214,8 @@ def denoise(model, images, num_rounds=5, num_steps=None, y=None, sampler=None, s
         model: a model with `energy(x, y=None, training=False)`.
         images: float array `(n, h, w, c)`.
         num_rounds: number of rounds (5).
-        num_steps: sampler steps per round (default: the sampler's `num_steps`).
+        num_steps: sampler steps per round (5; None: the sampler's `num_steps`). Long chains
+            drift away from the input toward other samples of the model.
         y: optional labels for the class energy.
         sampler: a `keras_jem.sampling.Sampler` (default: the model's).
         seed: optional int seed.

@@ -7,7 +7,6 @@ import numpy as np
 import tensorflow as tf
 
 from keras_jem.models.gmmc import GMMC
-from keras_jem.models.gmmc import MaxMahalanobisHead
 from keras_jem.models.gmmc import max_mahalanobis_centers
 from keras_jem.sampling.latent_target import LatentTargetSampler
 from tests import testing

@@ -16,7 +16,7 @@ Reads `MODEL_DIR/model.keras` and `MODEL_DIR/config.json` (written by `trainers.
 - `inpaint`: rows = test images, the images with the `--mask` region grey, the completions
   (Langevin dynamics on the masked pixels only).
 - `denoise`: rows = test images, salt-and-pepper corrupted (`--fraction`), restored
-  (`--num_rounds` rounds of `--num_steps` steps).
+  (`--num_rounds` rounds of `--num_steps` steps, default 5 rounds of 5).
 - `compose`: rows = samples of each label of `--labels`, then samples of the sum of their
   energies (the product of the conditionals), all from the same starting noise.
 
@@ -52,7 +52,7 @@ def build_parser():
         help="samples (uncond: total, default 64; cond/compose: per row, default 8; "
              "inpaint/denoise: test images, default 16)")
     add("--num_steps", type=int, default=None,
-        help="sampler steps (default: the model's sampler; denoise: per round)")
+        help="sampler steps (default: the model's sampler; denoise: per round, default 5)")
     add("--output", default=None, help="PNG path (default MODEL_DIR/samples_<task>.png)")
     add("--checkpoint", default=None, help="a .keras file to use instead of MODEL_DIR/model.keras")
     add("--seed", type=int, default=0)
@@ -250,8 +250,9 @@ def run(args):
                                                                 images[~full_mask]))
         else:
             shown = generation.salt_and_pepper(images, args.fraction, seed=args.seed)
-            result = to_numpy(generation.denoise(model, shown, num_rounds=args.num_rounds,
-                                                 num_steps=args.num_steps, y=y, seed=args.seed))
+            steps = {} if args.num_steps is None else {"num_steps": args.num_steps}
+            result = to_numpy(generation.denoise(model, shown, num_rounds=args.num_rounds, y=y,
+                                                 seed=args.seed, **steps))
             summary["fraction"] = args.fraction
             summary["num_rounds"] = args.num_rounds
             summary["mse_corrupted"] = float(np.mean((shown - images) ** 2))

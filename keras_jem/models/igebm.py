@@ -200,7 +200,10 @@ class IGEBM(keras.Model):
         return -self.class_energies(inputs, training=training)
 
     def energy(self, x, y=None, training=False):
-        """`E(x, y)` with labels, else `E(x)` (`-logsumexp_y -E(x, y)` when conditional)."""
+        """`E(x, y)` with labels, else `E(x)` (`-logsumexp_y -E(x, y)` when conditional).
+
+        An unconditional model ignores `y` (its one class: `E(x, 0) = E(x)`).
+        """
         x = tf.convert_to_tensor(self._images(x))
         if not self.conditional:
             # A one-class model: E(x, 0) = E(x).
