@@ -104,7 +104,8 @@ class SampleGrid(keras.callbacks.Callback):
     classified and each row shows the most confident chains of one predicted class. Nothing is
     written back and no sampler step runs, so it costs one forward pass. With
     `from_buffer=False`, each row instead holds fresh class-conditional chains
-    (`model.sample(y=...)`) of `num_steps` steps from noise.
+    (`model.sample(y=...)`) of `num_steps` steps from noise. For an unconditional model (one
+    class, e.g. `IGEBM` without labels) the grid has 8 rows of its lowest-energy chains.
 
     Args:
         directory: where `epoch_XXX.png` files go.
@@ -134,10 +135,17 @@ class SampleGrid(keras.callbacks.Callback):
         count = min(model.buffer.size, 20 * model.num_classes * self.num_per_class)
         indices = np.sort(rng.choice(model.buffer.size, count, replace=False))
         images = keras.ops.convert_to_numpy(model.buffer.images)[indices]
-        probabilities = keras.ops.convert_to_numpy(
-            keras.ops.softmax(model.predict(images, batch_size=256, verbose=0), axis=-1))
+        logits = keras.ops.convert_to_numpy(model.predict(images, batch_size=256, verbose=0))
+        if model.num_classes == 1:
+            # An unconditional model: the lowest-energy chains, row by row.
+            order = np.argsort(-logits[:, 0], kind="stable")[: self._rows() * self.num_per_class]
+            return images[order], np.arange(len(order)) // self.num_per_class
+        probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
         order = np.argsort(-probabilities.max(axis=-1), kind="stable")
         return images[order], probabilities.argmax(axis=-1)[order]
+
+    def _rows(self):
+        return self.model.num_classes if self.model.num_classes > 1 else 8
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every:
@@ -148,12 +156,13 @@ class SampleGrid(keras.callbacks.Callback):
         if self.from_buffer:
             images, labels = self._buffer_rows(epoch)
         else:
-            labels = np.repeat(np.arange(model.num_classes), self.num_per_class)
-            images = keras.ops.convert_to_numpy(
-                model.sample(y=labels, num_steps=self.num_steps, seed=self.seed + epoch))
+            labels = np.repeat(np.arange(self._rows()), self.num_per_class)
+            images = keras.ops.convert_to_numpy(model.sample(
+                y=labels if model.num_classes > 1 else np.zeros_like(labels),
+                num_steps=self.num_steps, seed=self.seed + epoch))
         os.makedirs(self.directory, exist_ok=True)
         self.last_path = os.path.join(self.directory, f"epoch_{epoch + 1:03d}.png")
-        image_lib.save_class_grid(images, labels, self.last_path, num_classes=model.num_classes,
+        image_lib.save_class_grid(images, labels, self.last_path, num_classes=self._rows(),
                                   per_class=self.num_per_class)
         if self.log_dir:
             import tensorflow as tf

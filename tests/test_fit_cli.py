@@ -37,6 +37,16 @@ def run_cli(args, timeout=600):
         (["--conditional_sampling", "--buffer_size", "1005"], "not divisible by 10"),
         (["--norm", "weird"], "--norm must be one of"),
         (["--decay_epochs", "a,b"], "comma-separated integers"),
+        (["--model", "jem", "--mode", "gen"], "--mode only applies to --model gmmc"),
+        (["--model", "gmmc", "--sn_filters", "32"], "--sn_filters only applies to --model igebm"),
+        (["--model", "gmmc", "--mode", "both"], "--mode must be one of discriminative, generative"),
+        (["--model", "gmmc", "--center_scale", "0"], "--center_scale must be positive"),
+        (["--model", "gmmc", "--mode", "gen", "--buffer_size", "505"], "not divisible by 10"),
+        (["--model", "gmmc", "--backbone", "wrn", "--depth", "10", "--width", "0"],
+         "--width must be positive"),
+        (["--model", "igebm", "--sn_filters", "32,x"], "--sn_filters must be a positive width"),
+        (["--model", "igebm", "--sn_pooling", "max"], "--sn_pooling must be sum or mean"),
+        (["--model", "igebm", "--buffer_size", "1001"], "not divisible by 10"),
     ],
 )
 def test_bad_flags_stop_before_any_work(tmp_path, args, expected, capsys):
@@ -70,6 +80,61 @@ def test_presets_resolve_paper_settings():
     assert (sada["sam_rho"], sada["sam_adaptive"], sada["num_steps"]) == (2.0, True, 5)
     assert (sada["batch_size"], sada["px_batch_size"], sada["augment_px"]) == (128, 64, False)
     assert sada["epochs"] == 3
+
+
+def test_gmmc_and_igebm_presets_follow_mode_and_dataset():
+    joint = presets.resolve("gmmc", "cifar10")
+    assert joint["mode"] == "joint" and joint["backbone"] == "wrn"
+    assert (joint["buffer_size"], joint["num_steps"], joint["start_generative"]) == (50000, 50,
+                                                                                     50)
+    generative = presets.resolve("gmmc", "cifar10", {"mode": "gen"})
+    assert generative["mode"] == "generative"
+    assert (generative["buffer_size"], generative["reinit_probability"],
+            generative["decay_epochs"], generative["start_generative"]) == (100000, 0.025,
+                                                                            "30,50,80", 0)
+    discriminative = presets.resolve("gmmc", "cifar10", {"mode": "dis", "epochs": 2})
+    assert (discriminative["optimizer"], discriminative["norm"], discriminative["epochs"]) == (
+        "sgd", "batch", 2)
+    # The user's flags win over the mode preset.
+    assert presets.resolve("gmmc", "cifar10", {"mode": "gen", "num_steps": 7})["num_steps"] == 7
+    igebm = presets.resolve("igebm", "cifar10")
+    assert (igebm["num_steps"], igebm["step_size"], igebm["gradient_clip"]) == (60, 10.0, 0.01)
+    assert (igebm["beta_1"], igebm["energy_l2_weight"], igebm["sn_filters"]) == (0.0, 1.0,
+                                                                                 "128,256,256")
+
+
+def test_gmmc_joint_switches_to_the_generative_loss(tmp_path):
+    model_dir = str(tmp_path / "gmmc")
+    config, _ = fit.resolve_config([
+        "--model", "gmmc", "--model_dir", model_dir, *TINY, "--epochs", "2",
+        "--start_generative", "1",
+    ])
+    metrics = fit.run(config)
+    assert 0 <= metrics["test_accuracy"] <= 1
+    history = json.load(open(os.path.join(model_dir, "history.json")))
+    assert history["generative"] == [0.0, 1.0]
+    assert history["energy_samples"][0] == 0.0 and history["energy_samples"][1] != 0.0
+    assert os.path.exists(os.path.join(model_dir, "samples", "epoch_002.png"))
+    model = keras.saving.load_model(os.path.join(model_dir, "model.keras"))
+    assert type(model).__name__ == "GMMC" and model.mode == "joint"
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_igebm_trains_conditional_and_unconditional(tmp_path, conditional):
+    model_dir = str(tmp_path / "igebm")
+    config, _ = fit.resolve_config([
+        "--model", "igebm", "--model_dir", model_dir, *TINY, "--sn_filters", "8",
+        "--conditional" if conditional else "--no-conditional",
+    ])
+    metrics = fit.run(config)
+    assert np.isfinite(metrics["test_energy"])
+    if conditional:
+        assert 0 <= metrics["test_accuracy"] <= 1
+    else:
+        assert metrics["test_accuracy"] is None
+    model = keras.saving.load_model(os.path.join(model_dir, "model.keras"))
+    assert model.conditional is conditional
+    assert model.backbone.filters == (8, 16, 32)
 
 
 def _read_buffer(weights_path):

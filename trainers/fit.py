@@ -3,6 +3,8 @@
     python -m trainers.fit --model jem --model_dir runs/jem            # digits, offline, minutes
     python -m trainers.fit --model jempp --dataset cifar10 --data_dir ~/tensorflow_datasets
     python -m trainers.fit --model sadajem --dataset cifar10 --epochs 10 --learning_rate 0.05
+    python -m trainers.fit --model gmmc --mode gen --model_dir runs/gmmc_gen  # dis, gen or joint
+    python -m trainers.fit --model igebm --model_dir runs/igebm               # conditional IGEBM
     python -m trainers.fit --model jem --dataset cifar10 --strategy mirrored --save_freq 500
 
 Every hyperparameter has a flag; unset flags take the preset of the model and dataset
@@ -16,6 +18,7 @@ last backup and continued with a new seed (at most `--max_rollbacks` times).
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -69,11 +72,50 @@ def _model_builders():
 
         return build
 
+    def gmmc(config, backbone, info):
+        return keras_jem.GMMC(
+            backbone=backbone,
+            num_classes=info.num_classes,
+            mode=config["mode"],
+            center_scale=config["center_scale"],
+            beta=config["beta"],
+            start_generative=config["start_generative"],
+            sampler=keras_jem.sampling.LatentTargetSampler(
+                num_steps=config["num_steps"],
+                step_size=config["step_size"],
+                latent_noise=config["latent_noise"],
+                inject=config["inject"],
+                clip_range=(-1.0, 1.0) if config["clip_samples"] else None,
+            ),
+            buffer_size=config["buffer_size"],
+            reinit_probability=config["reinit_probability"],
+            energy_l2_weight=config["energy_l2_weight"],
+            sample_in_training_mode=config["sample_in_training_mode"],
+            divergence_threshold=config["divergence_threshold"],
+            weight_decay=config["weight_decay"],
+            sam=build_sam(config),
+            seed=config["seed"],
+        )
+
+    def igebm(config, backbone, info):
+        return keras_jem.IGEBM(
+            backbone,
+            sampler=build_sampler(config),
+            buffer_size=config["buffer_size"],
+            reinit_probability=config["reinit_probability"],
+            energy_l2_weight=config["energy_l2_weight"],
+            divergence_threshold=config["divergence_threshold"],
+            sample_in_training_mode=config["sample_in_training_mode"],
+            seed=config["seed"],
+        )
+
     builders = {
         "softmax": jem_family(keras_jem.JEM),
         "jem": jem_family(keras_jem.JEM),
         "jempp": jem_family(keras_jem.JEMPP),
         "sadajem": jem_family(keras_jem.SADAJEM),
+        "gmmc": gmmc,
+        "igebm": igebm,
     }
     builders.update(EXTRA_BUILDERS)
     return builders
@@ -113,9 +155,21 @@ def build_sam(config):
     return SAM(rho=config["sam_rho"], adaptive=config["sam_adaptive"])
 
 
-def build_backbone(config):
+def build_backbone(config, info=None):
     from keras_jem import backbones
 
+    if config["model"] == "igebm":
+        widths = parse_widths(config["sn_filters"])
+        conditional = config["conditional"]
+        if conditional and info is None:
+            raise ValueError("A conditional IGEBM backbone needs the dataset info.")
+        return backbones.SNResNet(
+            filters=widths[0] if len(widths) == 1 else tuple(widths),
+            num_blocks=config["sn_num_blocks"],
+            num_classes=info.num_classes if conditional else None,
+            dropout_rate=config["dropout_rate"],
+            pooling=config["sn_pooling"],
+        )
     norm = None if config["norm"] == "none" else config["norm"]
     if config["backbone"] == "wrn":
         return backbones.WideResNet(
@@ -141,6 +195,19 @@ def build_optimizer(config, steps_per_epoch):
     return keras.optimizers.Adam(
         schedule, beta_1=config["beta_1"], beta_2=config["beta_2"], **extra
     )
+
+
+def parse_widths(text):
+    try:
+        widths = [int(w) for w in str(text).split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) <= 0:
+        raise ConfigError(
+            "--sn_filters must be a positive width or comma-separated widths, one per stage, "
+            f"e.g. 64 or 128,256,256. Received: {text!r}"
+        )
+    return widths
 
 
 def parse_epochs(text):
@@ -200,6 +267,13 @@ def resolve_config(argv=None):
         k: v for k, v in vars(args).items()
         if k not in ("model", "dataset", "print_config") and v is not None
     }
+    for owner, names in presets.MODEL_SETTINGS.items():
+        given = [f"--{name}" for name in names if name in overrides]
+        if given and args.model != owner:
+            raise ConfigError(
+                f"{', '.join(given)} only applies to --model {owner}. Received: --model "
+                f"{args.model}."
+            )
     config = presets.resolve(args.model, args.dataset, overrides)
     validate(config)
     return config, args.print_config
@@ -217,6 +291,7 @@ def validate(config):
         "buffer_covariance": ("full", "diagonal"),
         "jit_compile": ("auto", "true", "false"),
         "strategy": ("default", "mirrored", "multi_worker", "tpu"),
+        "mixed_precision": ("none", "mixed_bfloat16", "mixed_float16"),
     }
     for key, allowed in choices.items():
         if config.get(key) not in allowed:
@@ -249,6 +324,8 @@ def validate(config):
             f"--buffer_size ({config['buffer_size']}) is smaller than the batch drawn from it "
             f"each step ({px_batch}); it must be at least the batch size."
         )
+    if config["backbone"] == "wrn" and config["width"] <= 0:
+        fail(f"--width must be positive. Received: {config['width']}")
     if config["backbone"] == "wrn" and (config["depth"] - 4) % 6:
         fail(f"--depth must be 6n+4 (e.g. 16, 28). Received: {config['depth']}")
     if config["save_freq"] != "epoch":
@@ -262,6 +339,14 @@ def validate(config):
         fail(f"--verbose must be auto, 0, 1 or 2. Received: {config['verbose']!r}")
     parse_epochs(config["decay_epochs"])
     _validate_distribution(config, fail)
+    if config["model"] == "gmmc":
+        _validate_gmmc(config, fail)
+    if config["model"] == "igebm":
+        if config["sn_pooling"] not in ("sum", "mean"):
+            fail(f"--sn_pooling must be sum or mean. Received: {config['sn_pooling']!r}")
+        if config["sn_num_blocks"] < 1:
+            fail(f"--sn_num_blocks must be at least 1. Received: {config['sn_num_blocks']}")
+        parse_widths(config["sn_filters"])
     for check in EXTRA_VALIDATORS:
         check(config, fail)
     # Class-conditional sampling needs equal class blocks; the number of classes is known
@@ -269,9 +354,20 @@ def validate(config):
     from keras_jem import data
 
     num_classes = data.get_info(config["dataset"]).num_classes
-    if (config["conditional_sampling"] or config["pxy_weight"] > 0) and (
-        config["buffer_size"] % num_classes
-    ):
+    class_blocks = (config["conditional_sampling"] or config["pxy_weight"] > 0) and config[
+        "model"] not in ("gmmc", "igebm")
+    class_blocks |= config["model"] == "gmmc" and config["mode"] != "discriminative"
+    class_blocks |= config["model"] == "igebm" and config["conditional"]
+    if config["model"] == "gmmc":
+        from keras_jem.models.gmmc import max_mahalanobis_centers
+
+        feature_dim = _feature_dim(config)
+        try:
+            max_mahalanobis_centers(num_classes, feature_dim, config["center_scale"])
+        except ValueError as error:
+            fail(f"{error} (backbone {config['backbone']}, {feature_dim} features, "
+                 f"{num_classes} classes)")
+    if class_blocks and config["buffer_size"] % num_classes:
         fail(
             f"Class-conditional sampling splits the buffer into {num_classes} equal blocks, "
             f"but --buffer_size={config['buffer_size']} is not divisible by {num_classes}."
@@ -280,6 +376,37 @@ def validate(config):
 
 # Checks of models defined in their own modules: functions (config, fail).
 EXTRA_VALIDATORS = []
+
+
+def _validate_gmmc(config, fail):
+    from trainers.presets import GMMC_MODES
+
+    if config["mode"] not in GMMC_MODES:
+        fail(f"--mode must be one of {', '.join(GMMC_MODES)} (or dis, gen). "
+             f"Received: {config['mode']!r}")
+    if not config["center_scale"] > 0:
+        fail(f"--center_scale must be positive. Received: {config['center_scale']}")
+    for key in ("beta", "start_generative"):
+        if config[key] < 0:
+            fail(f"--{key} must be non-negative. Received: {config[key]}")
+    if not config["latent_noise"] > 0:
+        fail(f"--latent_noise must be positive. Received: {config['latent_noise']}")
+    if not config["step_size"] > 0:
+        fail(f"--step_size must be positive for GMMC's sampler. Received: {config['step_size']}")
+    if config["mode"] != "discriminative" and config["num_steps"] < 1:
+        fail(f"--num_steps must be at least 1 for --mode {config['mode']}. "
+             f"Received: {config['num_steps']}")
+
+
+def _feature_dim(config):
+    """The feature width of the backbone `config` builds, without building it."""
+    if config["backbone"] == "wrn":
+        return 64 * config["width"]
+    import inspect
+
+    from keras_jem.backbones import SmallCNN
+
+    return inspect.signature(SmallCNN).parameters["feature_dim"].default
 
 
 def _validate_distribution(config, fail):
@@ -361,9 +488,10 @@ def build(config, info, train_images=None, train_labels=None, steps_per_epoch=1,
     from keras_jem import distribute
 
     strategy = strategy or tf.distribute.get_strategy()
-    with distribute.construction_scope(strategy):
-        model = _model_builders()[config["model"]](config, build_backbone(config), info)
-    with strategy.scope():
+    with distribute.construction_scope(strategy), _dtype_policy(config["mixed_precision"]):
+        model = _model_builders()[config["model"]](config, build_backbone(config, info),
+                                                             info)
+    with strategy.scope(), _dtype_policy(config["mixed_precision"]):
         model.build((None,) + tuple(info.image_shape))
         if getattr(model, "buffer", None) is not None and model.buffer.initialization == (
             "gaussian_mixture"
@@ -373,6 +501,23 @@ def build(config, info, train_images=None, train_labels=None, steps_per_epoch=1,
                       jit_compile=_jit_compile(config, model, strategy))
         model.optimizer.build(model.trainable_variables)
     return model
+
+
+@contextlib.contextmanager
+def _dtype_policy(name):
+    """The global Keras dtype policy `name` ("none": float32) while the model is constructed.
+
+    Layers keep the policy they were created with (and `.keras` files record it), so the global
+    policy is restored afterwards.
+    """
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32" if name in (None, "none") else name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def run(config):
@@ -481,7 +626,7 @@ def run(config):
                 callback_list.append(keras.callbacks.ModelCheckpoint(
                     os.path.join(ckpt_dir, "best.weights.h5"), monitor="val_accuracy",
                     mode="max", save_best_only=True, save_weights_only=True))
-            if config["sample_every"] and config["px_weight"] > 0 and hasattr(model, "sample"):
+            if config["sample_every"] and _draws_samples(config) and hasattr(model, "sample"):
                 callback_list.append(jem_callbacks.SampleGrid(
                     os.path.join(model_dir, "samples"), every=config["sample_every"],
                     log_dir=os.path.join(model_dir, "logs")))
@@ -518,8 +663,10 @@ def run(config):
     model.save(os.path.join(model_dir, "model.keras"))
     evaluation = model.evaluate(test_ds, verbose=0, return_dict=True)
     metrics = {
-        "test_accuracy": float(evaluation["accuracy"]),
-        "test_loss_ce": float(evaluation["loss_ce"]),
+        # An unconditional IGEBM has no classes: it reports only the test energy.
+        "test_accuracy": _maybe_float(evaluation.get("accuracy")),
+        "test_loss_ce": _maybe_float(evaluation.get("loss_ce")),
+        "test_energy": _maybe_float(evaluation.get("energy_data")),
         "train_seconds": wall_time,
         "rollbacks": rollbacks,
         "epochs": config["epochs"],
@@ -530,14 +677,29 @@ def run(config):
     with open(os.path.join(model_dir, "history.json"), "w") as f:
         json.dump({k: [float(v) for v in np.asarray(vs).tolist()] for k, vs in history.items()},
                   f)
-    print(f"[trainers.fit] done in {wall_time:.0f} s: test accuracy "
-          f"{metrics['test_accuracy']:.4f}; model saved to "
+    result = (f"test accuracy {metrics['test_accuracy']:.4f}"
+              if metrics["test_accuracy"] is not None
+              else f"test energy {metrics['test_energy']:.4g}")
+    print(f"[trainers.fit] done in {wall_time:.0f} s: {result}; model saved to "
           f"{os.path.join(model_dir, 'model.keras')}", flush=True)
     return metrics
 
 
 # Callbacks of models defined in their own modules: functions (config, model) -> callback.
 EXTRA_CALLBACKS = []
+
+
+def _maybe_float(value):
+    return None if value is None else float(value)
+
+
+def _draws_samples(config):
+    """Whether the model trains with samples (then a sample grid is written per epoch)."""
+    if config["model"] == "gmmc":
+        return config["mode"] != "discriminative"
+    if config["model"] == "igebm":
+        return True
+    return config["px_weight"] > 0 or config["pxy_weight"] > 0
 
 
 def make_strategy(config):

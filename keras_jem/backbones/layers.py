@@ -348,8 +348,11 @@ def group_norm_groups(channels, max_groups=32):
     return 1
 
 
-def get_norm_layer(norm, channels, name=None):
+def get_norm_layer(norm, channels, name=None, dtype=None):
     """Builds the normalisation layer for `norm` (see `standardize_norm`), or `None`.
+
+    `dtype` is the layer's dtype policy (pass the parent's `dtype_policy` when it is created in
+    `build`, so that it follows the parent's mixed-precision policy, not the global one).
 
     - "batch": `BatchNormalization(momentum=0.1, epsilon=1e-5)`, i.e. the references'
       PyTorch `BatchNorm2d(momentum=0.9)` (running = 0.1 * running + 0.9 * batch).
@@ -361,9 +364,10 @@ def get_norm_layer(norm, channels, name=None):
     if norm is None:
         return None
     if norm == "batch":
-        return keras.layers.BatchNormalization(momentum=0.1, epsilon=1e-5, name=name)
+        return keras.layers.BatchNormalization(momentum=0.1, epsilon=1e-5, name=name,
+                                               dtype=dtype)
     groups = {"group": group_norm_groups(channels), "instance": channels, "layer": 1}[norm]
-    return keras.layers.GroupNormalization(groups=groups, epsilon=1e-5, name=name)
+    return keras.layers.GroupNormalization(groups=groups, epsilon=1e-5, name=name, dtype=dtype)
 
 
 def validate_activation(activation):

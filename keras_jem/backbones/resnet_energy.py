@@ -121,6 +121,7 @@ class SNResBlock(keras.layers.Layer):
                 bias_initializer="zeros",
                 power_iterations=self.power_iterations,
                 name="bypass",
+                dtype=self.dtype_policy,  # created in build: follow this block's policy
             )
             self.bypass.build(input_shape)
 

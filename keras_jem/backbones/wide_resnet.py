@@ -65,7 +65,10 @@ class WideResNetBlock(keras.layers.Layer):
     def build(self, input_shape):
         in_channels = input_shape[-1]
         # norm1 depends on the input width, known only now.
-        self.norm1 = backbone_layers.get_norm_layer(self.norm, in_channels, name="norm1")
+        # Created in build: they take this block's dtype policy (mixed precision), not the
+        # global one at build time.
+        self.norm1 = backbone_layers.get_norm_layer(self.norm, in_channels, name="norm1",
+                                                    dtype=self.dtype_policy)
         if self.norm1 is not None:
             self.norm1.build(input_shape)
         self.conv1.build(input_shape)
@@ -75,7 +78,8 @@ class WideResNetBlock(keras.layers.Layer):
         self.conv2.build(hidden_shape)
         if self.strides != 1 or in_channels != self.filters:
             self.shortcut = backbone_layers.TorchConv2D(
-                self.filters, 1, strides=self.strides, padding="valid", name="shortcut"
+                self.filters, 1, strides=self.strides, padding="valid", name="shortcut",
+                dtype=self.dtype_policy,
             )
             self.shortcut.build(input_shape)
 

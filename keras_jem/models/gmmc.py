@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_jem import distribute
 from keras_jem import energies
 from keras_jem.models.jem import JEM
 from keras_jem.sampling.latent_target import LatentTargetSampler
@@ -237,7 +238,10 @@ class GMMC(JEM):
         return LatentTargetSampler(**self.default_sampler_config)
 
     def _build_head(self):
-        return MaxMahalanobisHead(self.num_classes, self.center_scale, name="mahalanobis_head")
+        # float32 distances under a mixed-precision policy: with centres of norm 10 the squared
+        # distances are ~100, beyond bfloat16's resolution for class differences.
+        return MaxMahalanobisHead(self.num_classes, self.center_scale, name="mahalanobis_head",
+                                  dtype="float32")
 
     # === What the latent-target sampler reads ===
 
@@ -373,11 +377,11 @@ class GMMC(JEM):
             sample_weight=sample_weight,
         )
         self.accuracy_tracker.update_state(y, logits, sample_weight=sample_weight)
-        return {
+        return distribute.replica_logs({
             "loss_mmc": self.mmc_loss_tracker.result(),
             "loss_ce": self.ce_loss_tracker.result(),
             "accuracy": self.accuracy_tracker.result(),
-        }
+        })
 
     @property
     def metrics(self):

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_jem import distribute
 from keras_jem import energies
 from keras_jem import generation
 from keras_jem import sampling
@@ -182,7 +183,9 @@ class IGEBM(keras.Model):
             features = self.backbone(x, labels=labels, training=training)
         else:
             features = self.backbone(x, training=training)
-        return tf.squeeze(self.energy_head(features), axis=-1)
+        # float32 energies under a mixed-precision policy: the loss, its square penalty and the
+        # sampler's gradient start in float32 (a no-op under the float32 policy).
+        return tf.cast(tf.squeeze(self.energy_head(features), axis=-1), tf.float32)
 
     def class_energies(self, x, training=False):
         """`E(x, y)` for every label: `(batch, num_classes)` (conditional models)."""
@@ -261,7 +264,7 @@ class IGEBM(keras.Model):
             "energy_data": tf.reduce_mean(energy_data),
             "energy_samples": tf.reduce_mean(energy_samples),
         }
-        return self._update_metrics(terms)
+        return distribute.replica_logs(self._update_metrics(terms))
 
     def _diverged(self, terms):
         values = tf.stack([tf.cast(v, tf.float32) for v in terms.values()])
@@ -299,15 +302,15 @@ class IGEBM(keras.Model):
             self.energy_data_tracker.update_state(
                 energies.class_energy(logits, y), sample_weight=sample_weight
             )
-            return {
+            return distribute.replica_logs({
                 "energy_data": self.energy_data_tracker.result(),
                 "loss_ce": self.ce_loss_tracker.result(),
                 "accuracy": self.accuracy_tracker.result(),
-            }
+            })
         self.energy_data_tracker.update_state(
             self.energy(x, training=False), sample_weight=sample_weight
         )
-        return {"energy_data": self.energy_data_tracker.result()}
+        return distribute.replica_logs({"energy_data": self.energy_data_tracker.result()})
 
     @property
     def metrics(self):

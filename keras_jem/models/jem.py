@@ -249,6 +249,11 @@ class JEM(keras.Model):
                 "per class to the training data. Call `model.adapt_buffer(images, labels)` "
                 "before `fit`, or pass buffer_init='uniform'."
             )
+        if self.built and self.optimizer is not None and not self.optimizer.built:
+            # Creating the optimizer's variables before `fit` traces the first step spares
+            # tf.function a second trace (and graph optimisation) of the whole training step.
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
         return super().fit(*args, **kwargs)
 
     def _next_seed(self):
