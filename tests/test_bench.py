@@ -1,0 +1,105 @@
+"""Smoke tests of the training benchmark (`python -m tools.bench`): CLI, JSON lines, table.
+
+No timing is asserted: the numbers depend on the machine and its load.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests import testing
+from tools import bench
+
+
+class BenchConfigTest(testing.TestCase):
+    def test_expand_configs(self):
+        args = bench.parse_args(
+            ["--model", "jem,softmax,torch_jem", "--backbone", "small_cnn", "--jit_compile",
+             "both", "--threads", "1,2"])
+        configs = bench.expand_configs(args)
+        # jem and softmax with jit off and on; the PyTorch baseline once.
+        self.assertEqual(
+            [(c["model"], c["jit_compile"]) for c in configs],
+            [("jem", False), ("jem", True), ("softmax", False), ("softmax", True),
+             ("torch_jem", None)],
+        )
+        self.assertEqual(configs[0]["num_steps"], 20)
+        self.assertIsNone(configs[2]["num_steps"])
+        self.assertEqual(configs[0]["threads"], [1, 2])
+        self.assertEqual(configs[0]["norm"], "none")
+
+    def test_all_models_and_default_norms(self):
+        configs = bench.expand_configs(bench.parse_args(["--model", "all", "--jit_compile", "on"]))
+        self.assertEqual([c["model"] for c in configs], list(bench.DEFAULT_MODELS))
+        norms = {c["model"]: c["norm"] for c in configs}
+        self.assertEqual(norms["jempp"], "batch")
+        self.assertEqual(norms["jem"], "none")
+
+    def test_unknown_model_is_rejected(self):
+        with self.assertRaisesRegex(SystemExit, "unknown --model"):
+            bench.expand_configs(bench.parse_args(["--model", "vae"]))
+
+    def test_missing_torch_gives_not_available_row(self):
+        args = bench.parse_args(
+            ["--model", "torch_jem", "--torch_python", "/nonexistent/python"])
+        row = bench.run_config(bench.expand_configs(args)[0], args)
+        self.assertEqual(row["status"], "not available")
+        self.assertIn("not available", bench.format_table([row]))
+
+    def test_table_and_ratios(self):
+        common = dict(backbone="wrn-28-10", batch_size=64, image_size=32, channels=3,
+                      status="ok", streams="one", num_steps=20)
+        rows = [
+            dict(common, model="jem", jit_compile=False, iteration_s=2.0, images_per_s=32.0,
+                 sampler_step_s=0.09, sampling_share=0.9, standalone_s=1.7,
+                 classifier_step_s=0.2, sampler_ratio=1.06, iteration_ratio=1.0,
+                 iteration_overhead_ratio=0.95, peak_rss_mb=1500.0, buffer_mb=117.2),
+            dict(common, model="softmax", jit_compile=False, iteration_s=0.2,
+                 images_per_s=320.0, peak_rss_mb=1000.0, num_steps=None),
+            dict(common, model="gmmc", jit_compile=False, status="not available",
+                 error="keras_jem.GMMC does not exist yet"),
+        ]
+        table = bench.format_table(rows)
+        self.assertIn("s/iter", table)
+        self.assertIn("1.06", table)
+        self.assertIn("gmmc", table)
+        self.assertIn("not available", table)
+        self.assertIn("memory jem wrn-28-10", table)
+        self.assertIn("= 1.34", table)  # 1500 / (1000 + 117.2)
+
+
+class BenchCliTest(testing.TestCase):
+    def test_tiny_run_writes_json_lines_and_table(self):
+        path = os.path.join(self.get_temp_dir(), "bench.jsonl")
+        command = [
+            sys.executable, "-m", "tools.bench", "--model", "jem,softmax", "--backbone",
+            "small_cnn", "--batch_size", "4", "--image_size", "8", "--channels", "1",
+            "--num_steps", "2", "--jit_compile", "off", "--iterations", "2", "--warmup", "1",
+            "--buffer_size", "20", "--json", path,
+        ]
+        process = subprocess.run(command, cwd=testing.REPO, capture_output=True, text=True,
+                                 timeout=900)
+        self.assertEqual(process.returncode, 0, process.stdout[-3000:] + process.stderr[-3000:])
+        with open(path) as f:
+            rows = [json.loads(line) for line in f]
+        self.assertEqual([r["model"] for r in rows], ["jem", "softmax"])
+        jem, softmax = rows
+        for row in rows:
+            self.assertEqual(row["status"], "ok", row.get("error"))
+            self.assertGreater(row["iteration_s"], 0)
+            self.assertGreater(row["peak_rss_mb"], 0)
+            # One trace of the training step, none after the first iteration.
+            self.assertEqual(row["train_step_traces"], 1)
+            self.assertEqual(row["retraces_after_warmup"], 0)
+            self.assertIn("python -m tools.bench", row["command"])
+        for key in ("sampler_s", "sampler_step_s", "sampling_share", "standalone_s",
+                    "classifier_step_s", "classifier_step_loss_batch_s", "sampler_ratio",
+                    "iteration_ratio", "iteration_overhead_ratio", "buffer_mb"):
+            self.assertGreater(jem[key], 0, key)
+        # The sampler loop is traced once (a tf.while_loop), not once per step: one backbone
+        # graph for the sampler plus one for the loss's forward pass over data and samples.
+        self.assertLessEqual(jem["backbone_traces_per_step"], 3)
+        self.assertEqual(jem["num_steps"], 2)
+        self.assertIn("s/iter", process.stdout)
+        self.assertIn("memory jem small_cnn", process.stdout)
