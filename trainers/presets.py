@@ -15,7 +15,8 @@ SETTINGS = {
     "epochs": (int, 20, "number of epochs"),
     "steps_per_epoch": (int, None, "steps per epoch (default: examples / px_batch_size)"),
     "seed": (int, 1, "random seed"),
-    "jit_compile": (str, "auto", "XLA: auto (on where it is faster), true or false"),
+    "jit_compile": (str, "auto", (
+        "XLA: auto (on with a GPU or TPU; off on CPUs, where it is slower), true or false")),
     "save_freq": (str, "epoch", "backup frequency: 'epoch' or a number of steps"),
     "mixed_precision": (str, "none", (
         "compute dtype policy: none (float32), mixed_bfloat16 (CPUs with AVX512-BF16, TPUs) or "
