@@ -189,6 +189,21 @@ class ReplayBufferTest(testing.TestCase):
             other = flat[labels == (c + 1) % 3].mean(0)
             self.assertGreater(np.abs(block_mean - other).max(), 0.3)
 
+    def test_gaussian_mixture_refill_at_cifar_size(self):
+        # 32x32x3 images: one (3072, 3072) factor per class. Gathering one factor per chain, as
+        # the first implementation did, asked for 1000 * 3072^2 floats (75 GB) here.
+        rng = np.random.default_rng(0)
+        labels = np.arange(200) % 2
+        images = np.clip(rng.normal(0.4 * (2 * labels - 1)[:, None, None, None], 0.3,
+                                    (200, 32, 32, 3)), -1, 1).astype("float32")
+        buffer = ReplayBuffer(size=1000, initialization="gaussian_mixture", num_classes=2)
+        means, _ = buffer.adapt(images, labels, seed=0)
+        refilled = testing.to_numpy(buffer.images).reshape(2, 500, -1)
+        for c in range(2):
+            self.assertAllClose(refilled[c].mean(0).mean(), means[c].mean(), atol=0.01)
+        self.assertLess(refilled[0].mean(), -0.3)
+        self.assertGreater(refilled[1].mean(), 0.3)
+
     def test_gaussian_mixture_diagonal(self):
         images, labels, _, _ = _class_gaussians()
         buffer = ReplayBuffer(size=6000, initialization="gaussian_mixture", num_classes=3,

@@ -204,7 +204,12 @@ class ReplayBuffer(keras.layers.Layer):
         )
         z = rng.standard_normal((self.size, dim))
         if scales.ndim == 3:
-            samples = means[labels] + np.einsum("nij,nj->ni", scales[labels], z)
+            # Class by class: gathering one (dim, dim) factor per chain would need
+            # size * dim^2 floats (703 GiB for 10000 CIFAR chains).
+            samples = np.empty_like(z)
+            for c in range(num_classes):
+                members = labels == c
+                samples[members] = means[c] + z[members] @ scales[c].T
         else:
             samples = means[labels] + scales[labels] * z
         samples = np.clip(samples, *self.value_range)
