@@ -76,7 +76,7 @@ class BenchCliTest(testing.TestCase):
             sys.executable, "-m", "tools.bench", "--model", "jem,softmax", "--backbone",
             "small_cnn", "--batch_size", "4", "--image_size", "8", "--channels", "1",
             "--num_steps", "2", "--jit_compile", "off", "--iterations", "2", "--warmup", "1",
-            "--buffer_size", "20", "--json", path,
+            "--buffer_size", "20", "--streams", "two", "--json", path,
         ]
         process = subprocess.run(command, cwd=testing.REPO, capture_output=True, text=True,
                                  timeout=900)
@@ -98,8 +98,9 @@ class BenchCliTest(testing.TestCase):
                     "iteration_ratio", "iteration_overhead_ratio", "buffer_mb"):
             self.assertGreater(jem[key], 0, key)
         # The sampler loop is traced once (a tf.while_loop), not once per step: one backbone
-        # graph for the sampler plus one for the loss's forward pass over data and samples.
-        self.assertLessEqual(jem["backbone_traces_per_step"], 3)
+        # graph for the sampler plus the loss's three passes (labelled batch, likelihood batch,
+        # samples); a Python-unrolled sampler would add K - 1 = 1 more.
+        self.assertLessEqual(jem["backbone_traces_per_step"], 4)
         self.assertEqual(jem["num_steps"], 2)
         self.assertIn("s/iter", process.stdout)
         self.assertIn("memory jem small_cnn", process.stdout)

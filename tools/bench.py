@@ -467,7 +467,8 @@ def run_tensorflow_config(config):
     _count_calls(model, "train_step", counter, "train_step")
     _count_calls(backbone, "call_from_stem", counter, "backbone")
     model.make_train_function()
-    batch = _synthetic_batch(config)
+    # A plain classifier takes (x, y): the two-stream layout is for the hybrid models.
+    batch = _synthetic_batch(config, streams="one" if is_softmax else None)
     iterator = _iterator(batch, strategy)
 
     def train_iteration():
