@@ -56,6 +56,10 @@ class JEM(keras.Model):
             PyTorch's `SGD(weight_decay=...)` in the papers' scripts; it goes through momentum,
             unlike Keras' decoupled `weight_decay` optimizer argument).
         seed: seed of the sampler's noise and buffer draws.
+        sequential_passes: back-propagate the loss one network pass at a time (labelled batch,
+            likelihood batch, samples), so that only one pass's activations are held in memory;
+            the loss is a sum of per-pass terms, so the gradient is the same. False: one tape
+            over every pass (peak memory grows with the number of passes).
 
     Example:
 
@@ -88,6 +92,7 @@ class JEM(keras.Model):
         buffer_covariance="full",
         weight_decay=0.0,
         seed=None,
+        sequential_passes=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -141,6 +146,7 @@ class JEM(keras.Model):
         self.buffer_covariance = buffer_covariance
         self.weight_decay = float(weight_decay)
         self.seed = seed
+        self.sequential_passes = bool(sequential_passes)
         self.image_shape = None
 
         # === Layers ===
@@ -296,48 +302,124 @@ class JEM(keras.Model):
             )
         return samples
 
-    def _loss_terms(self, x_ce, x_px, y, samples, sample_weight, same_stream):
-        """All loss terms at the current weights; returns (total, terms dict)."""
+    def _loss_passes(self, x_ce, x_px, y, samples, sample_weight, same_stream):
+        """The loss as a list of per-pass functions; their losses sum to the total loss.
+
+        Each function runs the network on one input (the labelled batch, the likelihood batch,
+        the samples of p(x), the samples of p(x, y)) and returns `(loss, values)`, `values`
+        holding what the logs need (`logits`, `loss_ce`, energies). Every term of the loss
+        involves one pass only, so the gradient of the total is the sum of the passes'
+        gradients (`sequential_passes`).
+        """
+        px, pxy = "px" in samples, "pxy" in samples
+        l2 = self.energy_l2_weight
+
+        def squares(energy):
+            return l2 * tf.reduce_mean(tf.square(energy)) if l2 > 0 else 0.0
+
+        def labelled():
+            logits = self(x_ce, training=True)
+            values = {"logits": logits}
+            loss = 0.0
+            if self.pyx_weight > 0:
+                ce = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+                if sample_weight is not None:
+                    ce = ce * tf.cast(tf.reshape(sample_weight, (-1,)), ce.dtype)
+                values["loss_ce"] = tf.reduce_mean(ce)
+                loss += self.pyx_weight * values["loss_ce"]
+            if same_stream:
+                energy_data = energies.logsumexp_energy(logits)
+                values["energy_data"] = tf.reduce_mean(energy_data)
+                if px:
+                    loss += self.px_weight * values["energy_data"] + squares(energy_data)
+            if pxy:
+                energy_joint = energies.class_energy(logits, y)
+                values["energy_joint"] = tf.reduce_mean(energy_joint)
+                loss += self.pxy_weight * values["energy_joint"] + squares(energy_joint)
+            return loss, values
+
+        def likelihood():
+            energy_data = energies.logsumexp_energy(self(x_px, training=True))
+            loss = 0.0
+            if px:
+                loss = self.px_weight * tf.reduce_mean(energy_data) + squares(energy_data)
+            return loss, {"energy_data": tf.reduce_mean(energy_data)}
+
+        def px_samples():
+            energy = energies.logsumexp_energy(self(samples["px"], training=True))
+            mean = tf.reduce_mean(energy)
+            return -self.px_weight * mean + squares(energy), {"energy_samples": mean}
+
+        def pxy_samples():
+            energy = energies.class_energy(self(samples["pxy"], training=True), y)
+            mean = tf.reduce_mean(energy)
+            return -self.pxy_weight * mean + squares(energy), {"energy_joint_samples": mean}
+
+        passes = [labelled]
+        if not same_stream:
+            passes.append(likelihood)
+        if px:
+            passes.append(px_samples)
+        if pxy:
+            passes.append(pxy_samples)
+        return passes
+
+    def _combine_passes(self, losses, values):
+        """The total loss, the log terms and the logits from the passes' results."""
+        merged = {}
+        for value in values:
+            merged.update(value)
         terms = {}
-        logits = self(x_ce, training=True)
-        logits_px = logits if same_stream else self(x_px, training=True)
-        energy_data = energies.logsumexp_energy(logits_px)
-        total = 0.0
-        squares = []
-        if self.pyx_weight > 0:
-            ce = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-            if sample_weight is not None:
-                ce = ce * tf.cast(tf.reshape(sample_weight, (-1,)), ce.dtype)
-            terms["loss_ce"] = tf.reduce_mean(ce)
-            total += self.pyx_weight * terms["loss_ce"]
-        if "px" in samples:
-            energy_samples = energies.logsumexp_energy(self(samples["px"], training=True))
-            terms["loss_px"] = tf.reduce_mean(energy_data) - tf.reduce_mean(energy_samples)
-            terms["energy_samples"] = tf.reduce_mean(energy_samples)
-            total += self.px_weight * terms["loss_px"]
-            squares += [energy_data, energy_samples]
-        if "pxy" in samples:
-            energy_joint = energies.class_energy(logits, y)
-            energy_joint_samples = energies.class_energy(
-                self(samples["pxy"], training=True), y
-            )
-            terms["loss_pxy"] = tf.reduce_mean(energy_joint) - tf.reduce_mean(energy_joint_samples)
-            total += self.pxy_weight * terms["loss_pxy"]
-            squares += [energy_joint, energy_joint_samples]
-        if self.energy_l2_weight > 0 and squares:
-            total += self.energy_l2_weight * tf.add_n([tf.reduce_mean(tf.square(e)) for e in squares])
-        terms["energy_data"] = tf.reduce_mean(energy_data)
+        if "loss_ce" in merged:
+            terms["loss_ce"] = merged["loss_ce"]
+        if "energy_samples" in merged:
+            terms["loss_px"] = merged["energy_data"] - merged["energy_samples"]
+            terms["energy_samples"] = merged["energy_samples"]
+        if "energy_joint_samples" in merged:
+            terms["loss_pxy"] = merged["energy_joint"] - merged["energy_joint_samples"]
+        terms["energy_data"] = merged["energy_data"]
+        total = tf.add_n([tf.convert_to_tensor(loss, tf.float32) for loss in losses])
         terms["loss"] = total
-        return total, terms, logits
+        return total, terms, merged["logits"]
+
+    def _loss_terms(self, x_ce, x_px, y, samples, sample_weight, same_stream):
+        """All loss terms at the current weights; returns (total, terms dict, logits)."""
+        results = [run() for run in self._loss_passes(
+            x_ce, x_px, y, samples, sample_weight, same_stream)]
+        return self._combine_passes([r[0] for r in results], [r[1] for r in results])
 
     def _replica_scale(self):
         return 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
 
     def _compute_gradients(self, x_ce, x_px, y, samples, sample_weight, same_stream, variables):
-        with tf.GradientTape() as tape:
-            loss, terms, logits = self._loss_terms(x_ce, x_px, y, samples, sample_weight, same_stream)
-            scaled = self.optimizer.scale_loss(loss * self._replica_scale())
-        return tape.gradient(scaled, variables), terms, logits
+        # Subclasses with their own `_loss_terms` (GMMC) differentiate it in one tape.
+        if not self.sequential_passes or type(self)._loss_terms is not JEM._loss_terms:
+            with tf.GradientTape() as tape:
+                loss, terms, logits = self._loss_terms(
+                    x_ce, x_px, y, samples, sample_weight, same_stream)
+                scaled = self.optimizer.scale_loss(loss * self._replica_scale())
+            return tape.gradient(scaled, variables), terms, logits
+        gradients, losses, values = None, [], []
+        for run in self._loss_passes(x_ce, x_px, y, samples, sample_weight, same_stream):
+            # The next pass starts after the previous pass's backward step: its activations
+            # are freed first (TensorFlow would otherwise run the passes concurrently).
+            after = [] if gradients is None else [g for g in gradients if g is not None]
+            with tf.control_dependencies(after), tf.GradientTape() as tape:
+                loss, value = run()
+                scaled = self.optimizer.scale_loss(
+                    tf.convert_to_tensor(loss, tf.float32) * self._replica_scale())
+            pass_gradients = tape.gradient(scaled, variables)
+            if gradients is None:
+                gradients = pass_gradients
+            else:
+                gradients = [
+                    a if b is None else b if a is None else a + b
+                    for a, b in zip(gradients, pass_gradients)
+                ]
+            losses.append(loss)
+            values.append(value)
+        total, terms, logits = self._combine_passes(losses, values)
+        return gradients, terms, logits
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -546,6 +628,7 @@ class JEM(keras.Model):
                 "buffer_covariance": self.buffer_covariance,
                 "weight_decay": self.weight_decay,
                 "seed": self.seed,
+                "sequential_passes": self.sequential_passes,
             }
         )
         return config
