@@ -28,19 +28,23 @@ non-finite pixels, empty batch, malformed tf.Example) INVALID_ARGUMENT, a batch 
 `--max_request_batch_size` RESOURCE_EXHAUSTED, a full batching queue UNAVAILABLE; the message says
 what was expected. A failing request never affects the others.
 
-With batching on, concurrent requests to the same model version and signature are concatenated
-into one batch of at most `--max_batch_size` rows, waiting at most `--batch_timeout_ms` for more
-requests, and the results are split back to their requests.
+gRPC requests are received, decoded and answered by one asyncio event loop (`grpc.aio`), which
+costs less per request than a thread per call. Without batching each request runs on a pool of
+`--max_workers` threads. With batching on, concurrent requests to the same model version and
+signature are concatenated into one batch of at most `--max_batch_size` rows, waiting at most
+`--batch_timeout_ms` for more requests, run on one of `--num_batch_threads` batch threads (0: on
+the event loop's own thread), and the results are split back to their requests.
 """
 
 import argparse
+import asyncio
 import base64
+import collections
 import concurrent.futures
 import http.server
 import json
 import logging
 import os
-import queue
 import re
 import signal
 import sys
@@ -140,6 +144,14 @@ class ServingError(Exception):
 
 def _invalid(message):
     return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _deadline_exceeded():
+    return ServingError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        "Deadline exceeded while the request waited for its batch or ran; raise the client's "
+        "timeout, or lower --batch_timeout_ms.",
+    )
 
 
 def _dtype_name(enum_value):
@@ -288,148 +300,243 @@ class Signature:
 
 
 class _Task:
-    __slots__ = ("arrays", "done", "error", "outputs", "rows")
+    __slots__ = ("arrays", "future", "rows")
 
-    def __init__(self, arrays, rows):
-        self.arrays, self.rows = arrays, rows
-        self.done = threading.Event()
-        self.outputs = self.error = None
+    def __init__(self, arrays, rows, future):
+        self.arrays, self.rows, self.future = arrays, rows, future
+
+
+def _run_signature(signature, arrays):
+    """`signature.run`, with any failure turned into a ServingError (never raises)."""
+    try:
+        return signature.run(arrays)
+    except ServingError as e:
+        return e
+    except Exception as e:
+        return ServingError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
 
 class Batcher:
-    """Concatenates concurrent requests for one signature into batches.
+    """Concatenates concurrent requests for one signature into batches, on an asyncio loop.
 
-    A batch closes when it holds `max_batch_size` rows or `timeout` seconds after its first
-    request arrived; it is run once, and each request gets its own rows of the outputs. If the
+    A batch closes when it holds `max_batch_size` rows, or `timeout` seconds after its first
+    request arrived (as TF Serving's `batch_timeout_micros`); it is run once, and each request
+    gets its own rows of the outputs. While every batch thread is busy, the open batch keeps
+    growing up to `max_batch_size` instead of closing: it could not run earlier anyway. If a
     batch fails, its requests are run one by one so that one bad request fails alone.
+
+    Requests are queued with `submit` from the loop's thread (the gRPC handlers) or with
+    `submit_threadsafe` from any other thread (the REST handlers, warmup).
 
     Args:
         signature: the `Signature` to run.
         max_batch_size: the largest number of rows in one batch.
         timeout: seconds to wait for more requests after the first of a batch.
-        num_threads: batches run in parallel.
-        max_enqueued_rows: rows waiting in the queue beyond which requests get UNAVAILABLE.
+        num_threads: batches run in parallel, each on its own thread; 0 runs every batch on the
+            event loop's own thread (the least overhead per request, for small, fast models;
+            the server reads no new request while a batch runs).
+        max_enqueued_rows: rows waiting beyond which requests get UNAVAILABLE (None: no limit).
+        loop: the running asyncio event loop that owns the batcher.
+
+    Example:
+
+    ```python
+    batcher = Batcher(signature, max_batch_size=32, timeout=0.002, loop=loop)
+    outputs = await batcher.submit({"images": images}, rows=len(images))   # on the loop
+    outputs = batcher.submit_threadsafe({"images": images}, len(images)).result()  # elsewhere
+    ```
     """
 
-    def __init__(self, signature, max_batch_size, timeout, num_threads=1, max_enqueued_rows=None):
+    def __init__(self, signature, max_batch_size, timeout, num_threads=1, max_enqueued_rows=None,
+                 loop=None):
+        if loop is None:
+            raise ValueError("Batcher needs the asyncio event loop it runs on (`loop=`).")
+        if int(max_batch_size) < 1:
+            raise ValueError(f"max_batch_size must be >= 1; received {max_batch_size}.")
+        if int(num_threads) < 0:
+            raise ValueError(f"num_threads must be >= 0; received {num_threads}.")
         self.signature = signature
         self.max_batch_size = int(max_batch_size)
         self.timeout = float(timeout)
+        self.num_threads = int(num_threads)
         self.max_enqueued_rows = max_enqueued_rows
+        self.loop = loop
         self.num_batches = 0
         self.num_rows = 0
-        self._queue = queue.Queue()
-        self._enqueued_rows = 0
-        self._count_lock = threading.Lock()
-        self._stopped = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._loop, name=f"batcher-{signature.key}", daemon=True)
-            for _ in range(max(1, int(num_threads)))
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._executor = None
+        if self.num_threads:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                self.num_threads, thread_name_prefix=f"batch-{signature.key}"
+            )
+        self._open, self._open_rows = [], 0
+        self._ready = collections.deque()  # closed batches waiting for a thread
+        self._waiting_rows = 0  # rows in the open and the closed batches
+        self._running = 0
+        self._timer = None
+        self._expired = False
+        self._stopped = False
+        self._drained = None
+
+    # --- queueing (event-loop thread) ---
 
     def submit(self, arrays, rows):
-        """Queue a request; returns a task whose `done` event is set when it has an answer."""
-        task = _Task(arrays, rows)
-        with self._count_lock:
-            # Checked under the lock that `stop` takes: once stopped, nothing more is queued, so
-            # the batch threads, which drain the queue before exiting, answer every queued task.
-            if self._stopped.is_set():
-                stopped = True
-            elif self.max_enqueued_rows and self._enqueued_rows + rows > self.max_enqueued_rows:
-                raise ServingError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"The batching queue of signature '{self.signature.key}' is full "
-                    f"({self._enqueued_rows} rows waiting); retry later.",
-                )
-            else:
-                stopped = False
-                self._enqueued_rows += rows
-                self._queue.put(task)
-        if stopped:
-            self._run_alone(task)
-        return task
+        """Queue a request; returns an asyncio future of its outputs (a dict of arrays).
 
-    def stop(self):
-        """Stop after answering every queued request."""
-        with self._count_lock:
-            self._stopped.set()
-        for thread in self._threads:
-            thread.join(timeout=30)
+        Must be called on the batcher's loop. The future raises the request's `ServingError`.
+        """
+        future = self.loop.create_future()
+        if self._stopped:  # after `stop`: run alone, on the loop (the batch threads are gone)
+            self._finish([_Task(arrays, rows, future)], [_run_signature(self.signature, arrays)])
+            return future
+        if self.max_enqueued_rows and self._waiting_rows + rows > self.max_enqueued_rows:
+            raise ServingError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"The batching queue of signature '{self.signature.key}' is full "
+                f"({self._waiting_rows} rows waiting); retry later.",
+            )
+        if self._open_rows + rows > self.max_batch_size:
+            self._close()
+        self._open.append(_Task(arrays, rows, future))
+        self._open_rows += rows
+        self._waiting_rows += rows
+        if self._open_rows >= self.max_batch_size:
+            self._close()
+        elif len(self._open) == 1:
+            self._expired = False
+            self._timer = self.loop.call_later(self.timeout, self._on_timeout)
+        self._dispatch()
+        return future
 
-    def _take(self, timeout):
-        task = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
-        with self._count_lock:
-            self._enqueued_rows -= task.rows
-        return task
+    def submit_threadsafe(self, arrays, rows):
+        """`submit` from any thread but the loop's; returns a `concurrent.futures.Future`."""
 
-    def _loop(self):
-        carry = None
-        while True:
-            if carry is None:
-                try:
-                    carry = self._take(0.1)
-                except queue.Empty:
-                    if self._stopped.is_set():
-                        return
-                    continue
-            batch, rows, carry = [carry], carry.rows, None
-            deadline = time.monotonic() + self.timeout
-            while rows < self.max_batch_size:
-                try:
-                    task = self._take(deadline - time.monotonic())
-                except queue.Empty:
-                    break
-                if rows + task.rows > self.max_batch_size:
-                    carry = task
-                    break
-                batch.append(task)
-                rows += task.rows
-            self._run_batch(batch, rows)
+        async def submit_and_wait():
+            return await self.submit(arrays, rows)
 
-    def _run_batch(self, batch, rows):
+        return asyncio.run_coroutine_threadsafe(submit_and_wait(), self.loop)
+
+    def _on_timeout(self):
+        self._timer = None
+        self._expired = True
+        self._dispatch()
+
+    def _close(self):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._open:
+            self._ready.append(self._open)
+        self._open, self._open_rows, self._expired = [], 0, False
+
+    def _has_thread(self):
+        return self.num_threads == 0 or self._running < self.num_threads
+
+    def _dispatch(self):
+        while self._has_thread():
+            if not self._ready and self._open and (self._expired or self._stopped):
+                self._close()
+            if not self._ready:
+                break
+            self._start(self._ready.popleft())
+        if self._drained is not None and not (self._ready or self._open or self._running):
+            self._drained.set()
+
+    # --- execution ---
+
+    def _start(self, batch):
+        rows = sum(task.rows for task in batch)
+        self._waiting_rows -= rows
         self.num_batches += 1
         self.num_rows += rows
-        if len(batch) == 1:
-            self._run_alone(batch[0])
+        if self._executor is None:
+            self._finish(batch, self._execute(batch))
             return
+        self._running += 1
+        done = self._executor.submit(self._execute, batch)
+        done.add_done_callback(
+            lambda f: self.loop.call_soon_threadsafe(self._finished, batch, f)
+        )
+
+    def _finished(self, batch, done):
+        self._running -= 1
+        try:
+            results = done.result()
+        except Exception as e:  # never leave a request waiting
+            results = [ServingError(grpc.StatusCode.INTERNAL, f"Batch failed: {e}")] * len(batch)
+        self._finish(batch, results)
+        self._dispatch()
+
+    @staticmethod
+    def _finish(batch, results):
+        for task, result in zip(batch, results):
+            if task.future.done():  # the client went away or its deadline passed
+                continue
+            if isinstance(result, ServingError):
+                task.future.set_exception(result)
+            else:
+                task.future.set_result(result)
+
+    def _execute(self, batch):
+        """Runs one batch (on a batch thread or the loop); returns one result per task."""
+        if len(batch) == 1:
+            return [_run_signature(self.signature, batch[0].arrays)]
         try:
             arrays = {
                 key: np.concatenate([task.arrays[key] for task in batch], axis=0)
                 for key in batch[0].arrays
             }
-            outputs = self.signature.run(arrays)
-        except ServingError:
-            for task in batch:
-                self._run_alone(task)
-            return
-        except Exception as e:  # never leave a request waiting
-            for task in batch:
-                task.error = ServingError(grpc.StatusCode.INTERNAL, f"Batch failed: {e}")
-                task.done.set()
-            return
-        start = 0
+        except Exception as e:
+            return [ServingError(grpc.StatusCode.INTERNAL, f"Batch failed: {e}")] * len(batch)
+        outputs = _run_signature(self.signature, arrays)
+        if isinstance(outputs, ServingError):
+            if outputs.code == grpc.StatusCode.INTERNAL:
+                return [outputs] * len(batch)
+            # One bad request (e.g. a graph-side check) must fail alone.
+            return [_run_signature(self.signature, task.arrays) for task in batch]
+        results, start = [], 0
         for task in batch:
             stop = start + task.rows
-            task.outputs = {key: value[start:stop] for key, value in outputs.items()}
+            results.append({key: value[start:stop] for key, value in outputs.items()})
             start = stop
-            task.done.set()
+        return results
 
-    def _run_alone(self, task):
-        try:
-            task.outputs = self.signature.run(task.arrays)
-        except ServingError as e:
-            task.error = e
-        except Exception as e:
-            task.error = ServingError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
-        task.done.set()
+    # --- shutdown ---
+
+    async def _drain(self):
+        self._stopped = True
+        self._drained = asyncio.Event()
+        self._dispatch()
+        await self._drained.wait()
+
+    def stop(self, timeout=30.0):
+        """Answer every queued request, then stop (from any thread but the loop's).
+
+        Requests submitted afterwards are run alone.
+        """
+        if not self.loop.is_closed() and self.loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(self._drain(), self.loop).result(timeout)
+            except Exception as e:  # a stuck model must not block the shutdown
+                logger.warning("Signature %s: batcher did not drain: %r", self.signature.key, e)
+        else:
+            self._stopped = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
 
 
 class ServableVersion:
-    """One loaded version of a model: its signatures and (optionally) their batchers."""
+    """One loaded version of a model: its signatures and (optionally) their batchers.
 
-    def __init__(self, name, version, path, loaded, signature_defs, batching=None):
+    Args:
+        name, version, path: the model name, integer version and SavedModel directory.
+        loaded: the object `tf.saved_model.load` returned.
+        signature_defs: the MetaGraph's SignatureDefs by key.
+        batching: None, or a dict with max_batch_size, batch_timeout_ms, num_batch_threads and
+            max_enqueued_batches: batch the batchable signatures.
+        loop: the asyncio event loop the batchers run on (required with `batching`).
+    """
+
+    def __init__(self, name, version, path, loaded, signature_defs, batching=None, loop=None):
         self.name = name
         self.version = version
         self.path = path
@@ -441,6 +548,8 @@ class ServableVersion:
         }
         self.batchers = {}
         if batching:
+            if loop is None:
+                raise ValueError("Batching needs the server's asyncio event loop (`loop=`).")
             for key, signature in self.signatures.items():
                 if signature.batchable:
                     self.batchers[key] = Batcher(
@@ -450,10 +559,11 @@ class ServableVersion:
                         num_threads=batching["num_batch_threads"],
                         max_enqueued_rows=batching["max_batch_size"]
                         * batching["max_enqueued_batches"],
+                        loop=loop,
                     )
 
     @classmethod
-    def load(cls, name, version, path, batching=None):
+    def load(cls, name, version, path, batching=None, loop=None):
         pb_path = os.path.join(path, "saved_model.pb")
         if not os.path.isfile(pb_path):
             raise FileNotFoundError(f"no saved_model.pb in {path}")
@@ -471,7 +581,7 @@ class ServableVersion:
         if not signature_defs:
             raise ValueError(f"{pb_path} has no serving signatures")
         loaded = tf.saved_model.load(path, tags=["serve"])
-        return cls(name, version, path, loaded, signature_defs, batching)
+        return cls(name, version, path, loaded, signature_defs, batching, loop)
 
     def signature(self, key):
         key = key or DEFAULT_SIGNATURE
@@ -483,18 +593,35 @@ class ServableVersion:
             )
         return self.signatures[key]
 
-    def run(self, signature, arrays, rows, timeout=None):
+    def _batcher(self, signature, rows):
         batcher = self.batchers.get(signature.key)
         if batcher is None or rows > batcher.max_batch_size:
+            return None  # a request larger than a batch runs alone, as in TF Serving
+        return batcher
+
+    def run(self, signature, arrays, rows, timeout=None):
+        """Runs one request from any thread but the event loop's (REST handlers, warmup)."""
+        batcher = self._batcher(signature, rows)
+        if batcher is None or not batcher.loop.is_running():
             return signature.run(arrays)
-        task = batcher.submit(arrays, rows)
-        if not task.done.wait(timeout):
-            raise ServingError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded while waiting in the batch."
+        try:
+            return batcher.submit_threadsafe(arrays, rows).result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise _deadline_exceeded() from None
+
+    async def run_async(self, signature, arrays, rows, timeout=None, executor=None):
+        """Runs one request from the event loop: in a batch, or alone on `executor`."""
+        batcher = self._batcher(signature, rows)
+        if batcher is None:
+            pending = asyncio.get_running_loop().run_in_executor(
+                executor, signature.run, arrays
             )
-        if task.error is not None:
-            raise task.error
-        return task.outputs
+        else:
+            pending = batcher.submit(arrays, rows)
+        try:
+            return await asyncio.wait_for(pending, timeout)
+        except asyncio.TimeoutError:
+            raise _deadline_exceeded() from None
 
     def unload(self):
         for key, batcher in self.batchers.items():
@@ -539,15 +666,18 @@ class ModelManager:
         batching: None, or a dict with max_batch_size, batch_timeout_ms, num_batch_threads and
             max_enqueued_batches.
         warmup: a callable(servable) replaying the version's warmup requests, or None.
+        loop: the asyncio event loop the batchers run on (required with `batching`).
     """
 
-    def __init__(self, model_configs=None, model_base_path=None, batching=None, warmup=None):
+    def __init__(self, model_configs=None, model_base_path=None, batching=None, warmup=None,
+                 loop=None):
         if model_configs is None and model_base_path is None:
             raise ValueError("Pass `model_configs` or `model_base_path`.")
         self._static_configs = model_configs
         self._model_base_path = model_base_path
         self._batching = batching
         self.warmup = warmup
+        self.loop = loop
         self._models = {}
         self._lock = threading.Lock()
         self._poll_lock = threading.Lock()
@@ -642,7 +772,7 @@ class ModelManager:
         start = time.monotonic()
         servable = None
         try:
-            servable = ServableVersion.load(name, version, path, self._batching)
+            servable = ServableVersion.load(name, version, path, self._batching, self.loop)
             if self.warmup is not None:
                 self.warmup(servable)
         except Exception as e:  # any failure to load only skips this version
@@ -759,14 +889,20 @@ class ModelManager:
 class ServingCore:
     """The request handling shared by the gRPC services and the REST endpoint.
 
+    The gRPC handlers run on the server's asyncio loop and use the `*_async` methods; the REST
+    handlers and warmup run on their own threads and use the plain ones.
+
     Args:
         manager: the `ModelManager`.
         max_request_batch_size: the most rows accepted in one request (0 = unlimited).
+        executor: the thread pool that runs unbatched requests for the gRPC handlers (None:
+            the loop's default executor).
     """
 
-    def __init__(self, manager, max_request_batch_size=1024):
+    def __init__(self, manager, max_request_batch_size=1024, executor=None):
         self.manager = manager
         self.max_request_batch_size = max_request_batch_size
+        self.executor = executor
         self.num_requests = 0
 
     def predict(self, request, timeout=None):
@@ -774,6 +910,17 @@ class ServingCore:
         return self.predict_on(servable, request, timeout)
 
     def predict_on(self, servable, request, timeout=None):
+        signature, output_keys, arrays, rows = self._predict_inputs(servable, request)
+        outputs = servable.run(signature, arrays, rows, timeout)
+        return self._predict_response(servable, signature, output_keys, outputs)
+
+    async def predict_async(self, request, timeout=None):
+        servable = self.manager.resolve(request.model_spec)
+        signature, output_keys, arrays, rows = self._predict_inputs(servable, request)
+        outputs = await servable.run_async(signature, arrays, rows, timeout, self.executor)
+        return self._predict_response(servable, signature, output_keys, outputs)
+
+    def _predict_inputs(self, servable, request):
         signature = servable.signature(request.model_spec.signature_name)
         output_keys = list(request.output_filter) or sorted(signature.outputs)
         for key in output_keys:
@@ -785,7 +932,9 @@ class ServingCore:
         if len(set(output_keys)) != len(output_keys):
             raise _invalid(f"duplicate output tensor alias in output_filter: {output_keys}")
         arrays, rows = signature.decode_inputs(request.inputs, self.max_request_batch_size)
-        outputs = servable.run(signature, arrays, rows, timeout)
+        return signature, output_keys, arrays, rows
+
+    def _predict_response(self, servable, signature, output_keys, outputs):
         self.num_requests += 1
         response = predict_pb2.PredictResponse()
         response.model_spec.name = servable.name
@@ -800,6 +949,17 @@ class ServingCore:
         return self.classify_on(servable, request, timeout)
 
     def classify_on(self, servable, request, timeout=None):
+        signature, arrays, rows = self._classify_inputs(servable, request)
+        outputs = servable.run(signature, arrays, rows, timeout)
+        return self._classify_response(servable, signature, rows, outputs)
+
+    async def classify_async(self, request, timeout=None):
+        servable = self.manager.resolve(request.model_spec)
+        signature, arrays, rows = self._classify_inputs(servable, request)
+        outputs = await servable.run_async(signature, arrays, rows, timeout, self.executor)
+        return self._classify_response(servable, signature, rows, outputs)
+
+    def _classify_inputs(self, servable, request):
         signature = servable.signature(request.model_spec.signature_name)
         inputs = signature.inputs
         if len(inputs) != 1 or next(iter(inputs.values()))[0] != types_pb2.DT_STRING:
@@ -818,9 +978,10 @@ class ServingCore:
         Signature._check_rows(len(serialized), self.max_request_batch_size)
         input_key = next(iter(inputs))
         arrays = {input_key: np.array(serialized, dtype=object)}
-        outputs = servable.run(signature, arrays, len(serialized), timeout)
+        return signature, arrays, len(serialized)
+
+    def _classify_response(self, servable, signature, num, outputs):
         classes, scores = outputs.get("classes"), outputs.get("scores")
-        num = len(serialized)
         for key, value in (("classes", classes), ("scores", scores)):
             if value is not None and (value.ndim != 2 or value.shape[0] != num):
                 raise ServingError(
@@ -953,39 +1114,41 @@ def _timeout(context, cap=3600.0):
 
 
 def _grpc_call(method):
-    def handler(self, request, context):
+    """Wraps an async servicer method: a ServingError becomes the call's gRPC status."""
+
+    async def handler(self, request, context):
         try:
-            return method(self, request, context)
+            return await method(self, request, context)
         except ServingError as e:
-            context.abort(e.code, e.message)
-        except Exception as e:
+            await context.abort(e.code, e.message)
+        except Exception as e:  # a cancelled call (client gone) is not an Exception
             logger.exception("Unexpected error in %s", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
     handler.__name__ = method.__name__
     return handler
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """`tensorflow.serving.PredictionService` over a `ServingCore`."""
+    """`tensorflow.serving.PredictionService` over a `ServingCore` (asyncio handlers)."""
 
     def __init__(self, core):
         self.core = core
 
     @_grpc_call
-    def Predict(self, request, context):
-        return self.core.predict(request, _timeout(context))
+    async def Predict(self, request, context):
+        return await self.core.predict_async(request, _timeout(context))
 
     @_grpc_call
-    def Classify(self, request, context):
-        return self.core.classify(request, _timeout(context))
+    async def Classify(self, request, context):
+        return await self.core.classify_async(request, _timeout(context))
 
     @_grpc_call
-    def GetModelMetadata(self, request, context):
+    async def GetModelMetadata(self, request, context):
         return self.core.get_model_metadata(request)
 
     @_grpc_call
-    def Regress(self, request, context):
+    async def Regress(self, request, context):
         raise ServingError(
             grpc.StatusCode.UNIMPLEMENTED,
             "Regress is not implemented: keras-jem models are classifiers. Use Classify or "
@@ -993,7 +1156,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         )
 
     @_grpc_call
-    def MultiInference(self, request, context):
+    async def MultiInference(self, request, context):
         raise ServingError(
             grpc.StatusCode.UNIMPLEMENTED,
             "MultiInference is not implemented by this server; send Classify or Predict "
@@ -1008,16 +1171,41 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         self.core = core
 
     @_grpc_call
-    def GetModelStatus(self, request, context):
+    async def GetModelStatus(self, request, context):
         return self.core.get_model_status(request)
 
     @_grpc_call
-    def HandleReloadConfigRequest(self, request, context):
+    async def HandleReloadConfigRequest(self, request, context):
         raise ServingError(
             grpc.StatusCode.UNIMPLEMENTED,
             "HandleReloadConfigRequest is not implemented; the server polls the model "
             "directories instead (--poll_seconds).",
         )
+
+
+class _EventLoopThread:
+    """An asyncio event loop running forever on a daemon thread."""
+
+    def __init__(self, name="grpc-loop"):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def call(self, coroutine, timeout=None):
+        """Runs a coroutine on the loop from another thread and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self, timeout=10.0):
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1366,11 +1554,14 @@ class ModelServer:
         rest_port: REST port, or None for no REST endpoint (0 picks a free one).
         host: interface to bind (e.g. "127.0.0.1" for loopback only).
         enable_batching: batch concurrent requests per model version and signature.
-        max_batch_size, batch_timeout_ms, num_batch_threads, max_enqueued_batches: batching.
+        max_batch_size, batch_timeout_ms, num_batch_threads, max_enqueued_batches: batching
+            (`num_batch_threads=0` runs each batch on the gRPC event loop's thread; see
+            `Batcher`).
         max_request_batch_size: the most rows one request may hold (0 = unlimited).
         poll_seconds: seconds between scans for new versions (0 = load once, never poll).
         enable_model_warmup: replay each version's warmup requests before serving it.
-        max_workers: gRPC handler threads.
+        max_workers: threads that run unbatched requests (gRPC requests are received and
+            answered by one asyncio event loop).
         max_message_mb: the largest gRPC message or REST body accepted.
 
     Example:
@@ -1423,6 +1614,13 @@ class ModelServer:
                 )
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1; received {max_batch_size}.")
+        if num_batch_threads < 0:
+            raise ValueError(
+                f"num_batch_threads must be >= 0 (0 = run batches on the event loop's thread); "
+                f"received {num_batch_threads}."
+            )
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1; received {max_workers}.")
         batching = None
         if enable_batching:
             batching = {
@@ -1441,6 +1639,7 @@ class ModelServer:
         self.poll_seconds = poll_seconds
         self.max_workers = max_workers
         self.max_message_bytes = int(max_message_mb * 1024 * 1024)
+        self._loop = None
         self._grpc_server = None
         self._http_server = None
         self._threads = []
@@ -1448,35 +1647,19 @@ class ModelServer:
 
     def start(self):
         """Load the models, then start serving; returns self."""
-        self.manager.poll()
-        if not any(self.manager.served_summary().values()):
-            logger.warning("No model version could be loaded yet; waiting for one to appear.")
-        options = [
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-        self._grpc_server = grpc.server(
-            concurrent.futures.ThreadPoolExecutor(
-                max_workers=self.max_workers, thread_name_prefix="grpc"
-            ),
-            options=options,
+        self._loop = _EventLoopThread()
+        self.manager.loop = self._loop.loop
+        self.core.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.max_workers, thread_name_prefix="predict"
         )
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.core), self._grpc_server
-        )
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelServicer(self.core), self._grpc_server
-        )
-        address = f"{self.host}:{self.port}"
         try:
-            bound = self._grpc_server.add_insecure_port(address)
-        except RuntimeError:
-            bound = 0
-        if not bound:
-            raise OSError(f"Could not bind the gRPC port {address}.")
-        self.port = bound
-        self._grpc_server.start()
+            self.manager.poll()
+            if not any(self.manager.served_summary().values()):
+                logger.warning("No model version could be loaded yet; waiting for one to appear.")
+            self.port = self._loop.call(self._start_grpc(), timeout=60)
+        except BaseException:
+            self._shutdown_runtime()
+            raise
         logger.info("gRPC server listening on %s:%d", self.host, self.port)
         if self.rest_port is not None:
             api = RestApi(self.core)
@@ -1496,6 +1679,28 @@ class ModelServer:
             self._threads.append(thread)
         return self
 
+    async def _start_grpc(self):
+        options = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            PredictionServicer(self.core), server
+        )
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.core), server)
+        address = f"{self.host}:{self.port}"
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise OSError(f"Could not bind the gRPC port {address}.")
+        await server.start()
+        self._grpc_server = server
+        return bound
+
     def _poll_loop(self):
         while not self._stop.wait(self.poll_seconds):
             self.manager.poll()
@@ -1504,14 +1709,29 @@ class ModelServer:
         """Stop accepting requests, let in-flight ones finish (up to `grace` s), then unload."""
         self._stop.set()
         if self._grpc_server is not None:
-            self._grpc_server.stop(grace).wait(grace + 1)
+            try:
+                self._loop.call(self._grpc_server.stop(grace), timeout=grace + 5)
+            except Exception as e:
+                logger.warning("The gRPC server did not stop cleanly: %r", e)
+            self._grpc_server = None
         if self._http_server is not None:
             self._http_server.shutdown()
             self._http_server.server_close()
+            self._http_server = None
         for thread in self._threads:
             thread.join(timeout=grace + 5)
-        self.manager.stop()
+        self._threads = []
+        self._shutdown_runtime()
         logger.info("Server stopped.")
+
+    def _shutdown_runtime(self):
+        self.manager.stop()  # drains the batchers, on the still-running loop
+        if self.core.executor is not None:
+            self.core.executor.shutdown(wait=False)
+            self.core.executor = None
+        if self._loop is not None:
+            self._loop.stop()
+            self._loop = None
 
     def stats(self):
         """Counters: requests answered, and per batcher the batches and rows it ran."""
@@ -1562,7 +1782,9 @@ def build_parser():
     parser.add_argument("--batch_timeout_ms", type=float, default=None,
                         help="wait for more requests at most this long (default 2)")
     parser.add_argument("--num_batch_threads", type=int, default=None,
-                        help="batches run in parallel per signature (default 1)")
+                        help="batches run in parallel per signature, each on its own thread "
+                        "(default 1); 0 runs batches on the event loop's thread, the least "
+                        "overhead for small, fast models")
     parser.add_argument("--max_enqueued_batches", type=int, default=None,
                         help="queued batches beyond which requests get UNAVAILABLE (default 100)")
     parser.add_argument("--batching_parameters_file",
@@ -1574,7 +1796,8 @@ def build_parser():
                         default=2.0, help="seconds between scans for new versions (0 = never)")
     parser.add_argument("--no_warmup", action="store_true",
                         help="do not replay assets.extra/tf_serving_warmup_requests at load")
-    parser.add_argument("--max_workers", type=int, default=64, help="gRPC handler threads")
+    parser.add_argument("--max_workers", type=int, default=64,
+                        help="threads that run unbatched requests (default 64)")
     parser.add_argument("--max_message_mb", type=float, default=64,
                         help="largest request accepted, in MB (default 64)")
     parser.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,

@@ -496,40 +496,100 @@ class _FakeSignature:
         return {"y": 2 * x, "rows": np.arange(len(x))}
 
 
-def test_batcher_splits_results_and_isolates_failures():
+@pytest.fixture
+def event_loop_thread():
+    runner = server_lib._EventLoopThread(name="test-loop")
+    yield runner
+    runner.stop()
+
+
+@pytest.mark.parametrize("num_threads", [1, 0])
+def test_batcher_splits_results_and_isolates_failures(event_loop_thread, num_threads):
     signature = _FakeSignature()
-    batcher = server_lib.Batcher(signature, max_batch_size=8, timeout=0.05)
-    try:
-        barrier = threading.Barrier(10)
-        results = {}
+    batcher = server_lib.Batcher(signature, max_batch_size=8, timeout=0.05,
+                                 num_threads=num_threads, loop=event_loop_thread.loop)
+    barrier = threading.Barrier(10)
+    results = {}
 
-        def send(i):
-            rows = 1 + i % 4
-            x = np.full((rows, 2), float(i)) if i != 7 else -np.ones((rows, 2))
-            barrier.wait(timeout=30)
-            task = batcher.submit({"x": x}, rows)
-            assert task.done.wait(30)
-            results[i] = (x, task)
+    def send(i):
+        rows = 1 + i % 4
+        x = np.full((rows, 2), float(i)) if i != 7 else -np.ones((rows, 2))
+        barrier.wait(timeout=30)
+        future = batcher.submit_threadsafe({"x": x}, rows)
+        try:
+            results[i] = (x, future.result(30), None)
+        except server_lib.ServingError as e:
+            results[i] = (x, None, e)
 
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(10)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        assert len(results) == 10
-        for i, (x, task) in results.items():
-            if i == 7:
-                assert task.error is not None and "negative" in task.error.message
-            else:
-                assert task.error is None
-                np.testing.assert_array_equal(task.outputs["y"], 2 * x)
-        assert max(signature.batch_sizes) <= 8
-        assert batcher.num_batches < 10  # requests were merged
-    finally:
-        batcher.stop()
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(results) == 10
+    for i, (x, outputs, error) in results.items():
+        if i == 7:
+            assert error is not None and error.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "negative" in error.message
+        else:
+            assert error is None
+            np.testing.assert_array_equal(outputs["y"], 2 * x)
+            np.testing.assert_array_equal(outputs["rows"].shape, (len(x),))
+    assert max(signature.batch_sizes) <= 8
+    assert batcher.num_batches < 10  # requests were merged
+    batcher.stop()
     # After stop, requests are still answered (run alone).
-    task = batcher.submit({"x": np.ones((1, 2))}, 1)
-    assert task.done.is_set() and task.outputs["y"][0, 0] == 2.0
+    outputs = batcher.submit_threadsafe({"x": np.ones((1, 2))}, 1).result(10)
+    assert outputs["y"][0, 0] == 2.0
+
+
+class _SlowSignature:
+    key = "slow"
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.batch_sizes = []
+
+    def run(self, arrays):
+        self.batch_sizes.append(len(arrays["x"]))
+        time.sleep(self.seconds)
+        return {"y": arrays["x"] + 1}
+
+
+def test_batcher_grows_the_open_batch_while_its_thread_is_busy(event_loop_thread):
+    """The first request runs alone (timeout 1 ms); the next ones arrive while it runs, so
+    they must go out together as soon as the thread is free, not as 1-row batches."""
+    signature = _SlowSignature(0.3)
+    batcher = server_lib.Batcher(signature, max_batch_size=16, timeout=0.001, num_threads=1,
+                                 loop=event_loop_thread.loop)
+    first = batcher.submit_threadsafe({"x": np.zeros((1, 1))}, 1)
+    time.sleep(0.1)
+    rest = [batcher.submit_threadsafe({"x": np.full((1, 1), float(i))}, 1) for i in range(1, 6)]
+    assert first.result(10)["y"][0, 0] == 1.0
+    for i, future in enumerate(rest, start=1):
+        assert future.result(10)["y"][0, 0] == i + 1.0
+    assert signature.batch_sizes == [1, 5]
+    batcher.stop()
+
+
+def test_batcher_queue_limit_answers_unavailable(event_loop_thread):
+    signature = _SlowSignature(0.3)
+    batcher = server_lib.Batcher(signature, max_batch_size=2, timeout=0.001, num_threads=1,
+                                 max_enqueued_rows=4, loop=event_loop_thread.loop)
+    futures = [batcher.submit_threadsafe({"x": np.zeros((1, 1))}, 1)]
+    time.sleep(0.1)  # the first request is running
+    futures += [batcher.submit_threadsafe({"x": np.zeros((1, 1))}, 1) for _ in range(7)]
+    outcomes = []
+    for future in futures:
+        try:
+            future.result(10)
+            outcomes.append("ok")
+        except server_lib.ServingError as e:
+            outcomes.append(e.code)
+    # One runs at once, four wait; the rest are refused rather than queued without bound.
+    assert outcomes.count("ok") == 5
+    assert outcomes.count(grpc.StatusCode.UNAVAILABLE) == 3
+    batcher.stop()
 
 
 def test_rest_api(served, models):
