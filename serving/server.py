@@ -595,8 +595,10 @@ class ServableVersion:
 
     def _batcher(self, signature, rows):
         batcher = self.batchers.get(signature.key)
-        if batcher is None or rows > batcher.max_batch_size:
-            return None  # a request larger than a batch runs alone, as in TF Serving
+        if batcher is None or rows >= batcher.max_batch_size:
+            # A request that fills a batch by itself gains nothing from waiting for one: it
+            # runs at once, alone (TF Serving would refuse one larger than a batch).
+            return None
         return batcher
 
     def run(self, signature, arrays, rows, timeout=None):

@@ -479,6 +479,21 @@ def test_concurrent_clients_get_their_own_answers(served, stubs, models):
     assert batches < num_threads * per_thread, "the batcher never merged concurrent requests"
 
 
+def test_a_request_that_fills_a_batch_skips_the_batch_queue(served, stubs, models):
+    def batches():
+        return served.stats()["batchers"]["jem/1/serving_default"]["batches"]
+
+    before = batches()
+    for rows in (16, 40):  # max_batch_size is 16
+        images = random_images(rows, seed=rows)
+        response = stubs.prediction.Predict(predict_request(images), timeout=30)
+        np.testing.assert_allclose(tf.make_ndarray(response.outputs["probabilities"]),
+                                   probabilities(models["jem"], images), atol=1e-5)
+    assert batches() == before
+    stubs.prediction.Predict(predict_request(random_images(15, seed=15)), timeout=30)
+    assert batches() == before + 1
+
+
 class _FakeSignature:
     """Doubles its input; fails (INVALID_ARGUMENT) on negative values, like a graph check."""
 
