@@ -275,6 +275,35 @@ class ProximalSGLDTest(testing.TestCase):
         self.assertLess(float(tf.reduce_mean(model.energy(samples))),
                         float(tf.reduce_mean(model.energy(start))))
 
+    def test_affine_stem_shortcut_gives_the_same_samples(self):
+        """With an affine stem the inner direction is computed once per outer step; it must
+        give the samples of re-differentiating the stem at every inner step."""
+        from keras_jem.backbones import WideResNet
+
+        model = testing.make_model(
+            image_shape=(8, 8, 3),
+            backbone=WideResNet(depth=10, width=1, norm="batch"), buffer_size=20,
+        )
+        self.assertTrue(model.stem_is_affine)
+
+        class EveryInnerStep:
+            """The same network, its stem treated as non-affine (the JEM++ code's way)."""
+
+            stem_is_affine = False
+            stem = staticmethod(model.stem)
+            energy_from_stem = staticmethod(model.energy_from_stem)
+
+            def energy(self, x, y=None, training=False):
+                raise AssertionError("the stem path must not call energy")
+
+        start = _uniform((4, 8, 8, 3), seed=6)
+        sampler = ProximalSGLD(num_steps=3, inner_steps=4, step_size=50.0, gradient_clip=2e-5)
+        for training in (False, True):
+            fast = sampler(model, start, seed=_seed(0), training=training)
+            slow = sampler(EveryInnerStep(), start, seed=_seed(0), training=training)
+            self.assertGreater(float(np.abs(testing.to_numpy(fast) - start).max()), 1e-4)
+            self.assertAllClose(fast, slow, atol=1e-5)
+
     def test_each_inner_step_is_clipped(self):
         model = testing.make_model(buffer_size=20)
         start = _uniform((4, 8, 8, 1), -0.5, 0.5, seed=4)

@@ -41,6 +41,9 @@ class SmallCNN(keras.layers.Layer):
     >>> same = backbone.call_from_stem(backbone.stem(np.zeros((4, 8, 8, 1), "float32")))
     """
 
+    # The stem is one convolution: affine in x (ProximalSGLD relies on it).
+    stem_is_affine = True
+
     def __init__(
         self,
         filters=(32, 64, 128),

@@ -160,6 +160,9 @@ class WideResNet(keras.layers.Layer):
     >>> same = backbone.call_from_stem(h)
     """
 
+    # The stem is one convolution: affine in x (ProximalSGLD relies on it).
+    stem_is_affine = True
+
     def __init__(
         self, depth=28, width=10, norm=None, dropout_rate=0.0, leaky_relu_slope=0.2, **kwargs
     ):

@@ -227,6 +227,11 @@ class JEM(keras.Model):
     def stem(self, x):
         return self.backbone.stem(x)
 
+    @property
+    def stem_is_affine(self):
+        """True when the backbone's stem is affine in x (see `ProximalSGLD`)."""
+        return bool(getattr(self.backbone, "stem_is_affine", False))
+
     def energy_from_stem(self, stem_output, y=None, training=False):
         features = self.backbone.call_from_stem(stem_output, training=training)
         return energies.classifier_energy(self.logits_from_features(features), y)

@@ -26,6 +26,13 @@ class ProximalSGLD(Sampler):
     keras-jem backbone-based model does). A target without them gets the plain clipped gradient of
     its energy in place of the stem gradient.
 
+    When the target's stem is affine (`target.stem_is_affine`: one convolution, as in every
+    keras-jem backbone), `grad_x <stem(x), p> = J_stem^T p = grad_x E(x)` at the start of the
+    outer step, whatever x the inner step is at: the inner direction is then computed once per
+    outer step, by one input-gradient pass of the whole network, and the inner steps cost only
+    the clipped update. The samples are the same as re-differentiating the stem at every inner
+    step (the JEM++ code's way), which is what a non-affine stem gets.
+
     Args:
         num_steps: outer steps M (JEM++: 10 or 20).
         inner_steps: inner steps N per outer step (JEM++: 5).
@@ -75,7 +82,12 @@ class ProximalSGLD(Sampler):
         x = tf.stop_gradient(tf.convert_to_tensor(x, tf.float32))
         if seed is None:
             seed = tf.random.uniform((2,), maxval=2**31 - 1, dtype=tf.int64)
-        has_stem = hasattr(target, "stem") and hasattr(target, "energy_from_stem")
+        # An affine stem's inner gradient does not depend on x (see the class docstring).
+        has_stem = (
+            hasattr(target, "stem")
+            and hasattr(target, "energy_from_stem")
+            and not getattr(target, "stem_is_affine", False)
+        )
 
         def outer(i, x):
             if has_stem:
