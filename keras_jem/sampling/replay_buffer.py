@@ -154,7 +154,9 @@ class ReplayBuffer(keras.layers.Layer):
             labels: int array `(n,)` in `[0, num_classes)`.
             seed: seed for the refill.
         """
-        images = np.asarray(images, np.float64)
+        images = np.asarray(images)
+        if images.dtype.kind != "f":
+            images = images.astype(np.float32)
         labels = np.asarray(labels).astype(np.int64).reshape(-1)
         if not self.built:
             self.build(images.shape[1:])
@@ -164,6 +166,9 @@ class ReplayBuffer(keras.layers.Layer):
                 f"Received images {images.shape} and labels {labels.shape}"
             )
         num_classes = self.num_classes or int(labels.max()) + 1
+        # The images stay in their own dtype; each class is copied to float64 only while its
+        # statistics are computed (a float64 copy of 50000 CIFAR images, plus its centred copy,
+        # would take 2.5 GB).
         flat = images.reshape(len(images), -1)
         dim = flat.shape[1]
         means = np.zeros((num_classes, dim))
@@ -172,22 +177,25 @@ class ReplayBuffer(keras.layers.Layer):
         # 1.1 GB more for CIFAR-10).
         scales = np.zeros((num_classes, dim, dim) if self.covariance == "full" else (
             num_classes, dim), np.float32)
-        pooled_mean = flat.mean(axis=0)
-        pooled = flat - pooled_mean
+        pooled_mean = flat.mean(axis=0, dtype=np.float64)
         for c in range(num_classes):
-            members = flat[labels == c]
+            members = flat[labels == c].astype(np.float64)
             if len(members) >= 2:
                 means[c] = members.mean(axis=0)
                 centered = members - means[c]
             else:
                 # Too few examples to estimate a covariance: use the pooled statistics.
                 means[c] = members[0] if len(members) else pooled_mean
-                centered = pooled
+                centered = flat.astype(np.float64) - pooled_mean
+            del members
             if self.covariance == "full":
                 cov = centered.T @ centered / (len(centered) - 1) + self.jitter * np.eye(dim)
+                del centered
                 scales[c] = np.linalg.cholesky(cov)
+                del cov
             else:
                 scales[c] = np.sqrt(centered.var(axis=0, ddof=1) + self.jitter)
+                del centered
         if self.initialization == "gaussian_mixture":
             self.class_means.assign(means.astype(np.float32))
             self.class_scales.assign(scales)
