@@ -243,6 +243,30 @@ class ReplayBufferTest(testing.TestCase):
         self.assertAllClose(testing.to_numpy(restarted).reshape(-1, 4).mean(0),
                             flat[labels == 2].mean(0), atol=0.015)
 
+    def test_partial_restarts_from_the_full_covariance_mixture(self):
+        """Only the restarted chains are drawn from the class Gaussians (full covariance);
+        the others keep their buffer contents."""
+        images, labels, _, _ = _class_gaussians()
+        buffer = ReplayBuffer(size=3000, initialization="gaussian_mixture", num_classes=3,
+                              reinit_probability=0.3)
+        buffer.adapt(images, labels)
+        buffer.images.assign(np.full((3000, 2, 2, 1), 5.0, "float32"))
+        flat = images.reshape(-1, 4).astype("float64")
+        restarted = []
+        for seed in range(4):
+            _, drawn, mask = buffer.draw(1500, labels=tf.constant(np.repeat([1], 1500)),
+                                         seed=_seed(seed, 2))
+            drawn, mask = testing.to_numpy(drawn).reshape(-1, 4), testing.to_numpy(mask)
+            self.assertAllEqual(drawn[~mask], np.full_like(drawn[~mask], 5.0))
+            self.assertAllInRange(drawn[mask], -1.0, 1.0)
+            restarted.append(drawn[mask])
+        restarted = np.concatenate(restarted)
+        self.assertAllClose(len(restarted) / 6000, 0.3, atol=0.03)
+        data_mean, data_cov = _statistics(flat[labels == 1])
+        mean, cov = _statistics(restarted.astype("float64"))
+        self.assertAllClose(mean, data_mean, atol=0.02)
+        self.assertAllClose(cov, data_cov, atol=0.006)
+
     def test_fresh_samples_are_clipped_to_range(self):
         rng = np.random.default_rng(0)
         images = np.clip(rng.normal(0.8, 0.5, (400, 2, 2, 1)), -1, 1).astype("float32")
