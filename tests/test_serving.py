@@ -564,9 +564,11 @@ class _SlowSignature:
     def __init__(self, seconds):
         self.seconds = seconds
         self.batch_sizes = []
+        self.started = threading.Event()
 
     def run(self, arrays):
         self.batch_sizes.append(len(arrays["x"]))
+        self.started.set()
         time.sleep(self.seconds)
         return {"y": arrays["x"] + 1}
 
@@ -574,11 +576,11 @@ class _SlowSignature:
 def test_batcher_grows_the_open_batch_while_its_thread_is_busy(event_loop_thread):
     """The first request runs alone (timeout 1 ms); the next ones arrive while it runs, so
     they must go out together as soon as the thread is free, not as 1-row batches."""
-    signature = _SlowSignature(0.3)
+    signature = _SlowSignature(0.6)
     batcher = server_lib.Batcher(signature, max_batch_size=16, timeout=0.001, num_threads=1,
                                  loop=event_loop_thread.loop)
     first = batcher.submit_threadsafe({"x": np.zeros((1, 1))}, 1)
-    time.sleep(0.1)
+    assert signature.started.wait(10)  # the first request is running
     rest = [batcher.submit_threadsafe({"x": np.full((1, 1), float(i))}, 1) for i in range(1, 6)]
     assert first.result(10)["y"][0, 0] == 1.0
     for i, future in enumerate(rest, start=1):
@@ -588,11 +590,11 @@ def test_batcher_grows_the_open_batch_while_its_thread_is_busy(event_loop_thread
 
 
 def test_batcher_queue_limit_answers_unavailable(event_loop_thread):
-    signature = _SlowSignature(0.3)
+    signature = _SlowSignature(0.6)
     batcher = server_lib.Batcher(signature, max_batch_size=2, timeout=0.001, num_threads=1,
                                  max_enqueued_rows=4, loop=event_loop_thread.loop)
     futures = [batcher.submit_threadsafe({"x": np.zeros((1, 1))}, 1)]
-    time.sleep(0.1)  # the first request is running
+    assert signature.started.wait(10)  # the first request is running
     futures += [batcher.submit_threadsafe({"x": np.zeros((1, 1))}, 1) for _ in range(7)]
     outcomes = []
     for future in futures:
