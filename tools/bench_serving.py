@@ -7,18 +7,32 @@ python tools/bench_serving.py --export_dir models/jem --seconds 3 --json bench.j
 ```
 
 Measures requests/s, images/s and p50/p99 latency of `Predict` on `serving_default` at each batch
-size (1 and 32) with 1, 8 and 32 concurrent clients (one gRPC channel and thread each), against
-the server started as a subprocess on 127.0.0.1 without and with server-side batching, next to
-calling the SavedModel's signature directly in-process (one caller: the model's own compute time).
-Every cell is bounded by `--seconds` and `--max_requests`.
+size (1 and 32) with 1, 8 and 32 concurrent clients, for:
 
-The `img/CPU-s` column divides the images answered by the CPU time the server process (or, for
-in-process rows, this process) used in the window: unlike wall-clock rates it barely moves when
-other processes load the machine.
+- `in-process`: the SavedModel's signature called directly in this process, one caller (the
+  model's own compute time; one-client cells only);
+- `server`: `python -m serving.server` on 127.0.0.1, without server-side batching;
+- `server+batching`: the same with `--enable_batching --max_batch_size 32 --batch_timeout_ms 2`;
+- `gRPC floor`: a server that answers every request with the same pre-serialized response
+  without reading it (`tools/grpc_load.py floor`): what Python gRPC alone costs here, the
+  ceiling of any Python server that does work per request.
 
-Two figures are checked against the targets of issue 5:
+The clients are `tools/grpc_load.py load`, a separate process: coroutines on one asyncio loop,
+each with its own channel (connection), sending a pre-serialized request back to back, so that
+the load generator takes as little as it can from the two cores it shares with the server.
+Every response is checked once against the in-process outputs before the load starts, and calls
+that fail are counted and reported. Every cell is bounded by `--seconds` and `--max_requests`
+and measured in `--rounds` windows that alternate between the modes, so that load from other
+processes hits every mode alike.
+
+`img/CPU-s` divides the images answered by the CPU seconds the server process (in-process rows:
+this process) used in the window; `client ms/req` is the load generator's CPU per request.
+
+Checked against the targets of issue 5:
 - server overhead at batch 32, one client: p50 latency through the server vs in-process (< 10%);
-- batching gain: images/s of 32 concurrent batch-1 clients with batching vs without (>= 3x).
+- batching gain: images/s of 32 concurrent batch-1 clients with batching vs without (>= 3x),
+  next to the gRPC floor's images/s over the unbatched server's (the most any Python server
+  could gain over it on this machine).
 """
 
 import argparse
@@ -28,7 +42,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,10 +55,14 @@ import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
-from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+GRPC_LOAD = os.path.join(REPO, "tools", "grpc_load.py")
+PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
+MODES = ("in-process", "server", "server+batching", "gRPC floor")
 
 
 def build_export(kind, base):
+    """Exports a JEM with random weights (`wrn`: WRN-16-2 on 32x32x3; `digits`: SmallCNN)."""
     import keras
 
     import keras_jem
@@ -61,16 +78,22 @@ def build_export(kind, base):
     return export.export_serving_model(model, os.path.join(base, "jem"), warmup=True)
 
 
+def make_images(batch_size, image_shape):
+    rng = np.random.default_rng(0)
+    return rng.uniform(-1, 1, (batch_size,) + tuple(image_shape)).astype("float32")
+
+
 class InProcess:
     """Calls the SavedModel's `serving_default` signature directly (one caller)."""
 
     def __init__(self, path):
         self.function = tf.saved_model.load(path).signatures["serving_default"]
 
+    def outputs(self, images):
+        return {k: v.numpy() for k, v in self.function(images=tf.constant(images)).items()}
+
     def run(self, batch_size, seconds, max_requests, image_shape):
-        images = tf.constant(
-            np.random.default_rng(0).uniform(-1, 1, (batch_size,) + image_shape).astype("float32")
-        )
+        images = tf.constant(make_images(batch_size, image_shape))
         for _ in range(2):
             self.function(images=images)
         latencies = []
@@ -80,7 +103,9 @@ class InProcess:
             t = time.perf_counter()
             self.function(images=images)["probabilities"].numpy()
             latencies.append(time.perf_counter() - t)
-        return latencies, time.perf_counter() - start, [], time.process_time() - cpu
+        return {"latencies_ms": [1000.0 * t for t in latencies],
+                "seconds": time.perf_counter() - start, "errors": [], "num_errors": 0,
+                "server_cpu_s": time.process_time() - cpu, "client_cpu_s": None}
 
 
 def process_cpu_seconds(pid):
@@ -93,68 +118,49 @@ def process_cpu_seconds(pid):
         return None
 
 
-def bench_server(server, batch_size, clients, seconds, max_requests, image_shape, warmup=0.5):
-    """`clients` threads, each with its own channel, send Predict requests back to back."""
+def run_load(server, request_file, clients, seconds, max_requests, warmup=0.5):
+    """Runs `grpc_load.py load` against `server` = (process, port); reads the server's CPU time
+    as the load generator's window opens and closes."""
     process, port = server
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = "jem"
-    images = np.random.default_rng(0).uniform(-1, 1, (batch_size,) + image_shape)
-    request.inputs["images"].CopyFrom(tf.make_tensor_proto(images.astype("float32")))
-    latencies, errors = [], []
-    lock = threading.Lock()
-    barrier = threading.Barrier(clients + 1)
-    state = {}
-
-    def client():
-        channel = grpc.insecure_channel(
-            f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]
-        )
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        try:
-            barrier.wait(timeout=60)
-            while True:
-                t = time.perf_counter()
-                if t >= state["stop_at"]:
-                    break
-                stub.Predict(request, timeout=60)
-                done = time.perf_counter()
-                if t >= state["measure_from"]:
-                    with lock:
-                        if len(latencies) >= max_requests:
-                            break
-                        latencies.append(done - t)
-        except Exception as e:  # reported in the result
-            errors.append(repr(e))
-        finally:
-            channel.close()
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    now = time.perf_counter()
-    state["measure_from"] = now + warmup
-    state["stop_at"] = now + warmup + seconds
-    barrier.wait(timeout=60)
-    time.sleep(max(0.0, state["measure_from"] - time.perf_counter()))
-    cpu = process_cpu_seconds(process.pid)
-    for thread in threads:
-        thread.join(timeout=warmup + seconds + 120)
-    elapsed = min(time.perf_counter(), state["stop_at"]) - state["measure_from"]
-    cpu_end = process_cpu_seconds(process.pid)
-    cpu = None if cpu is None or cpu_end is None else cpu_end - cpu
-    return latencies, elapsed, errors, cpu
+    command = [sys.executable, GRPC_LOAD, "load", "--target", f"127.0.0.1:{port}",
+               "--request", request_file, "--clients", str(clients), "--seconds", str(seconds),
+               "--warmup", str(warmup), "--max_requests", str(max_requests)]
+    load = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    cpu_start = cpu_end = None
+    result = None
+    for line in load.stdout:
+        if line.startswith("WINDOW_START"):
+            cpu_start = process_cpu_seconds(process.pid)
+        elif line.startswith("WINDOW_END"):
+            cpu_end = process_cpu_seconds(process.pid)
+        elif line.startswith("{"):
+            result = json.loads(line)
+    if load.wait() != 0 or result is None:
+        raise RuntimeError(f"The load generator failed: {' '.join(command)}")
+    result["server_cpu_s"] = (
+        None if cpu_start is None or cpu_end is None else cpu_end - cpu_start
+    )
+    return result
 
 
-def summarize(latencies, elapsed, batch_size, cpu_seconds):
-    values = np.asarray(latencies) * 1000.0
+def summarize(results, batch_size):
+    latencies = np.concatenate([np.asarray(r["latencies_ms"], dtype=float) for r in results])
+    elapsed = sum(r["seconds"] for r in results)
+    count = len(latencies)
+    server_cpu = [r["server_cpu_s"] for r in results]
+    client_cpu = [r["client_cpu_s"] for r in results]
+    server_cpu = None if None in server_cpu else sum(server_cpu)
+    client_cpu = None if None in client_cpu else sum(client_cpu)
     return {
-        "cpu_s": cpu_seconds,
-        "img_per_cpu_s": len(latencies) * batch_size / cpu_seconds if cpu_seconds else None,
-        "requests": len(latencies),
-        "req_per_s": len(latencies) / elapsed,
-        "img_per_s": len(latencies) * batch_size / elapsed,
-        "p50_ms": float(np.percentile(values, 50)) if len(values) else float("nan"),
-        "p99_ms": float(np.percentile(values, 99)) if len(values) else float("nan"),
+        "requests": count,
+        "req_per_s": count / elapsed,
+        "img_per_s": count * batch_size / elapsed,
+        "p50_ms": float(np.percentile(latencies, 50)) if count else float("nan"),
+        "p99_ms": float(np.percentile(latencies, 99)) if count else float("nan"),
+        "img_per_cpu_s": count * batch_size / server_cpu if server_cpu else None,
+        "client_ms_per_req": 1000.0 * client_cpu / count if client_cpu and count else None,
+        "num_errors": sum(r["num_errors"] for r in results),
+        "errors": sorted({e for r in results for e in r["errors"]})[:3],
     }
 
 
@@ -162,6 +168,28 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for_model(process, port, log_path, timeout=180):
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "jem"
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"The server exited; see {log_path}")
+            try:
+                if stub.GetModelStatus(request, timeout=2).model_version_status:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    finally:
+        channel.close()
+    process.kill()
+    raise RuntimeError(f"The server did not come up within {timeout} s; see {log_path}")
 
 
 def start_server(base, batching, args, log_path):
@@ -176,26 +204,24 @@ def start_server(base, batching, args, log_path):
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = model_service_pb2_grpc.ModelServiceStub(channel)
-    request = get_model_status_pb2.GetModelStatusRequest()
-    request.model_spec.name = "jem"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"The server exited; see {log_path}")
-        try:
-            if stub.GetModelStatus(request, timeout=2).model_version_status:
-                channel.close()
-                return process, port
-        except grpc.RpcError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"The server did not come up within 180 s; see {log_path}")
+    wait_for_model(process, port, log_path)
+    return process, port
 
 
-def stop_server(process):
+def start_floor(response_file, log_path):
+    port = free_port()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, GRPC_LOAD, "floor", "--port", str(port), "--response",
+             response_file], stdout=subprocess.PIPE, stderr=log, text=True)
+    line = process.stdout.readline()
+    if not line.startswith("FLOOR_READY"):
+        process.kill()
+        raise RuntimeError(f"The gRPC floor server did not start; see {log_path}")
+    return process, port
+
+
+def stop_process(process):
     process.terminate()
     try:
         process.wait(timeout=30)
@@ -204,61 +230,129 @@ def stop_server(process):
         process.wait(timeout=30)
 
 
-def run_cells(args, in_process, servers, image_shape):
-    """Every (mode, batch, clients) cell, measured in `--rounds` windows that alternate between
-    the modes, so that load from other processes on the machine hits every mode alike."""
-    cells = []
-    for batch in args.batch_sizes:
-        for clients in args.clients:
-            modes = ["in-process"] if clients == 1 else []
-            cells.append((batch, clients, modes + list(servers)))
+def prepare_requests(in_process, server, batch_sizes, image_shape, tmp):
+    """Writes one serialized PredictRequest and its PredictResponse per batch size; checks that
+    the server's answer equals the in-process outputs."""
+    files = {}
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{server[1]}", options=[("grpc.max_send_message_length", 256 << 20)]
+    )
+    predict = channel.unary_unary(PREDICT_METHOD)
+    try:
+        for batch in batch_sizes:
+            images = make_images(batch, image_shape)
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = "jem"
+            request.inputs["images"].CopyFrom(tf.make_tensor_proto(images))
+            payload = request.SerializeToString()
+            reply = predict(payload, timeout=120)
+            response = predict_pb2.PredictResponse.FromString(reply)
+            served = tf.make_ndarray(response.outputs["probabilities"])
+            expected = in_process.outputs(images)["probabilities"]
+            if served.shape != expected.shape or not np.allclose(served, expected, atol=1e-5):
+                raise RuntimeError(
+                    f"The server's probabilities for batch {batch} differ from the in-process "
+                    f"ones (max |diff| {np.max(np.abs(served - expected)):.3g})."
+                )
+            request_file = os.path.join(tmp, f"request_{batch}.bin")
+            response_file = os.path.join(tmp, f"response_{batch}.bin")
+            with open(request_file, "wb") as f:
+                f.write(payload)
+            with open(response_file, "wb") as f:
+                f.write(reply)
+            files[batch] = (request_file, response_file)
+    finally:
+        channel.close()
+    return files
+
+
+def run_cells(args, in_process, servers, floors, files, image_shape):
+    """Every (mode, batch, clients) cell, in `--rounds` windows alternating between modes."""
     rows = []
     window = args.seconds / args.rounds
-    budget = args.max_requests // args.rounds
-    for batch, clients, modes in cells:
-        collected = {mode: ([], 0.0, [], 0.0) for mode in modes}
-        for _ in range(args.rounds):
+    budget = max(1, args.max_requests // args.rounds)
+    for batch in args.batch_sizes:
+        for clients in args.clients:
+            modes = (["in-process"] if clients == 1 else []) + list(servers) + ["gRPC floor"]
+            collected = {mode: [] for mode in modes}
+            for _ in range(args.rounds):
+                for mode in modes:
+                    if mode == "in-process":
+                        result = in_process.run(batch, window, budget, image_shape)
+                    else:
+                        server = floors[batch] if mode == "gRPC floor" else servers[mode]
+                        result = run_load(server, files[batch][0], clients, window, budget)
+                    collected[mode].append(result)
             for mode in modes:
-                if mode == "in-process":
-                    result = in_process.run(batch, window, budget, image_shape)
-                else:
-                    result = bench_server(servers[mode], batch, clients, window, budget,
-                                          image_shape)
-                latencies, elapsed, errors, cpu = collected[mode]
-                cpu = None if cpu is None or result[3] is None else cpu + result[3]
-                collected[mode] = (latencies + result[0], elapsed + result[1],
-                                   errors + result[2], cpu)
-        for mode in modes:
-            latencies, elapsed, errors, cpu = collected[mode]
-            if errors:
-                print(f"{mode} errors: {errors[:3]}", file=sys.stderr)
-            row = {"mode": mode, "batch": batch, "clients": clients,
-                   **summarize(latencies, elapsed, batch, cpu), "errors": errors[:3]}
-            rows.append(row)
-            print(format_table([row]).splitlines()[-1], flush=True)
+                row = {"mode": mode, "batch": batch, "clients": clients,
+                       **summarize(collected[mode], batch)}
+                if row["num_errors"]:
+                    print(f"{mode}: {row['num_errors']} failed calls: {row['errors']}",
+                          file=sys.stderr)
+                rows.append(row)
+                print(format_table([row]).splitlines()[-1], flush=True)
     return rows
 
 
 def format_table(rows):
-    header = ["mode", "batch", "clients", "req/s", "img/s", "p50 ms", "p99 ms", "img/CPU-s"]
+    header = ["mode", "batch", "clients", "req/s", "img/s", "p50 ms", "p99 ms", "img/CPU-s",
+              "client ms/req"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         per_cpu = f"{r['img_per_cpu_s']:.0f}" if r["img_per_cpu_s"] else "n/a"
+        client = f"{r['client_ms_per_req']:.2f}" if r["client_ms_per_req"] else "-"
         lines.append(
             f"| {r['mode']} | {r['batch']} | {r['clients']} | {r['req_per_s']:.1f} | "
-            f"{r['img_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {per_cpu} |"
+            f"{r['img_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {per_cpu} | "
+            f"{client} |"
         )
     return "\n".join(lines)
 
 
-def main(argv=None):
+def summarize_targets(rows):
+    """The issue-5 figures, as a dict and as printable lines."""
+
+    def find(mode, batch, clients):
+        return next((r for r in rows if (r["mode"], r["batch"], r["clients"])
+                     == (mode, batch, clients)), None)
+
+    summary, lines = {}, []
+    direct, served = find("in-process", 32, 1), find("server", 32, 1)
+    if direct and served:
+        summary["overhead_batch32"] = served["p50_ms"] / direct["p50_ms"] - 1.0
+        lines.append(f"server overhead at batch 32, 1 client (p50 vs in-process): "
+                     f"{100 * summary['overhead_batch32']:+.1f}% (target < 10%)")
+        if direct["img_per_cpu_s"] and served["img_per_cpu_s"]:
+            summary["cpu_overhead_batch32"] = direct["img_per_cpu_s"] / served["img_per_cpu_s"] - 1
+            lines.append(f"server overhead at batch 32, 1 client (CPU time per image): "
+                         f"{100 * summary['cpu_overhead_batch32']:+.1f}%")
+    clients = max((r["clients"] for r in rows if r["batch"] == 1), default=None)
+    unbatched, batched = find("server", 1, clients), find("server+batching", 1, clients)
+    floor = find("gRPC floor", 1, clients)
+    if unbatched and batched:
+        summary["batching_gain"] = batched["img_per_s"] / unbatched["img_per_s"]
+        lines.append(f"batching gain, {clients} clients at batch 1 (img/s): "
+                     f"{summary['batching_gain']:.2f}x (target >= 3x)")
+        if unbatched["img_per_cpu_s"] and batched["img_per_cpu_s"]:
+            summary["cpu_batching_gain"] = batched["img_per_cpu_s"] / unbatched["img_per_cpu_s"]
+            lines.append(f"batching gain, {clients} clients at batch 1 (images per server "
+                         f"CPU-second): {summary['cpu_batching_gain']:.2f}x")
+        if floor:
+            summary["floor_over_unbatched"] = floor["img_per_s"] / unbatched["img_per_s"]
+            lines.append(f"gRPC floor over the unbatched server, {clients} clients at batch 1: "
+                         f"{summary['floor_over_unbatched']:.2f}x (no Python server doing work "
+                         "can gain more here)")
+    return summary, lines
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["wrn", "digits"], default="wrn",
                         help="model built with random weights: wrn = WRN-16-2 on 32x32x3, "
                         "digits = SmallCNN on 8x8x1 (ignored with --export_dir)")
     parser.add_argument("--export_dir", help="benchmark this exported model base path instead")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per cell")
-    parser.add_argument("--max_requests", type=int, default=2000, help="requests per cell")
+    parser.add_argument("--max_requests", type=int, default=100000, help="requests per cell")
     parser.add_argument("--batch_sizes", default="1,32")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--max_batch_size", type=int, default=32)
@@ -270,62 +364,54 @@ def main(argv=None):
                         help='extra server flags, e.g. "--tensorflow_inter_op_parallelism 1"')
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    args.clients = [int(c) for c in args.clients.split(",")]
+    try:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+        args.clients = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        parser.error("--batch_sizes and --clients take comma-separated integers, e.g. 1,8,32")
+    if min(args.batch_sizes + args.clients) < 1 or args.seconds <= 0 or args.rounds < 1:
+        parser.error("batch sizes, clients and --rounds must be >= 1 and --seconds > 0")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    processes = []
     with tempfile.TemporaryDirectory() as tmp:
+        base = os.path.join(tmp, "models")
         if args.export_dir:
-            base = os.path.join(tmp, "models")
             os.makedirs(base)
             os.symlink(os.path.abspath(args.export_dir), os.path.join(base, "jem"))
             versions = sorted(int(v) for v in os.listdir(args.export_dir) if v.isdigit())
+            if not versions:
+                raise SystemExit(f"No integer version directory in {args.export_dir}.")
             path = os.path.join(args.export_dir, str(versions[-1]))
         else:
-            base = os.path.join(tmp, "models")
             path = build_export(args.model, base)
         in_process = InProcess(path)
-        spec = in_process.function.structured_input_signature[1]["images"]
-        image_shape = tuple(spec.shape[1:])
-        servers = {}
+        image_shape = tuple(in_process.function.structured_input_signature[1]["images"].shape[1:])
         try:
-            servers["server"] = start_server(base, False, args, os.path.join(tmp, "server.log"))
-            servers["server+batching"] = start_server(
-                base, True, args, os.path.join(tmp, "batching.log")
-            )
-            rows = run_cells(args, in_process, servers, image_shape)
+            servers = {}
+            for mode, batching in (("server", False), ("server+batching", True)):
+                servers[mode] = start_server(base, batching, args,
+                                             os.path.join(tmp, f"{mode}.log"))
+                processes.append(servers[mode][0])
+            files = prepare_requests(in_process, servers["server"], args.batch_sizes,
+                                     image_shape, tmp)
+            floors = {}
+            for batch, (_, response_file) in files.items():
+                floors[batch] = start_floor(response_file, os.path.join(tmp, f"floor{batch}.log"))
+                processes.append(floors[batch][0])
+            rows = run_cells(args, in_process, servers, floors, files, image_shape)
         finally:
-            for process, _ in servers.values():
-                stop_server(process)
-
-    def find(mode, batch, clients):
-        for r in rows:
-            if (r["mode"], r["batch"], r["clients"]) == (mode, batch, clients):
-                return r
-        return None
+            for process in processes:
+                stop_process(process)
 
     print()
     print(format_table(rows))
-    summary = {}
-    direct, served = find("in-process", 32, 1), find("server", 32, 1)
-    if direct and served:
-        summary["overhead_batch32"] = served["p50_ms"] / direct["p50_ms"] - 1.0
-        print(f"\nserver overhead at batch 32, 1 client (p50 vs in-process): "
-              f"{100 * summary['overhead_batch32']:+.1f}% (target < 10%)")
-        if direct["img_per_cpu_s"] and served["img_per_cpu_s"]:
-            summary["cpu_overhead_batch32"] = direct["img_per_cpu_s"] / served["img_per_cpu_s"] - 1
-            print(f"server overhead at batch 32, 1 client (CPU time per image): "
-                  f"{100 * summary['cpu_overhead_batch32']:+.1f}%")
-    unbatched, batched = find("server", 1, 32), find("server+batching", 1, 32)
-    if unbatched and batched:
-        summary["batching_gain_32_clients"] = batched["img_per_s"] / unbatched["img_per_s"]
-        print(f"batching gain, 32 clients at batch 1 (img/s): "
-              f"{summary['batching_gain_32_clients']:.2f}x (target >= 3x)")
-        if unbatched["img_per_cpu_s"] and batched["img_per_cpu_s"]:
-            summary["cpu_batching_gain_32_clients"] = (
-                batched["img_per_cpu_s"] / unbatched["img_per_cpu_s"]
-            )
-            print(f"batching gain, 32 clients at batch 1 (images per server CPU-second): "
-                  f"{summary['cpu_batching_gain_32_clients']:.2f}x")
+    summary, lines = summarize_targets(rows)
+    print()
+    print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "summary": summary, "args": vars(args)}, f, indent=2)

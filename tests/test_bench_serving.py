@@ -1,0 +1,126 @@
+"""Smoke tests of the serving benchmark (`tools/bench_serving.py`, `tools/grpc_load.py`).
+
+No timing is asserted: the numbers depend on the machine and its load.
+"""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tools import bench_serving
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRPC_LOAD = os.path.join(REPO, "tools", "grpc_load.py")
+
+
+def _row(mode, batch, clients, img_per_s, p50_ms, img_per_cpu_s=None):
+    return {"mode": mode, "batch": batch, "clients": clients, "req_per_s": img_per_s / batch,
+            "img_per_s": img_per_s, "p50_ms": p50_ms, "p99_ms": 2 * p50_ms,
+            "img_per_cpu_s": img_per_cpu_s, "client_ms_per_req": 0.2}
+
+
+@contextlib.contextmanager
+def floor_server(response_file, *extra):
+    """`grpc_load.py floor` on a free port; yields the port."""
+    port = bench_serving.free_port()
+    floor = subprocess.Popen(
+        [sys.executable, GRPC_LOAD, "floor", "--port", str(port), "--response",
+         str(response_file), *extra], stdout=subprocess.PIPE, text=True)
+    try:
+        assert floor.stdout.readline().startswith("FLOOR_READY")
+        yield port
+    finally:
+        floor.terminate()
+        floor.wait(timeout=30)
+
+
+def run_load(port, request_file, *extra):
+    out = subprocess.run(
+        [sys.executable, GRPC_LOAD, "load", "--target", f"127.0.0.1:{port}", "--request",
+         str(request_file), *extra], capture_output=True, text=True, timeout=120, check=True)
+    return out.stdout.splitlines()
+
+
+def test_summary_ratios():
+    rows = [
+        _row("in-process", 32, 1, 1280.0, 25.0, 700.0),
+        _row("server", 32, 1, 1150.0, 27.5, 640.0),
+        _row("server", 1, 32, 400.0, 80.0, 200.0),
+        _row("server+batching", 1, 32, 1000.0, 30.0, 500.0),
+        _row("gRPC floor", 1, 32, 4000.0, 8.0, 4000.0),
+    ]
+    summary, lines = bench_serving.summarize_targets(rows)
+    assert summary["overhead_batch32"] == pytest.approx(0.10)
+    assert summary["cpu_overhead_batch32"] == pytest.approx(700.0 / 640.0 - 1)
+    assert summary["batching_gain"] == pytest.approx(2.5)
+    assert summary["cpu_batching_gain"] == pytest.approx(2.5)
+    assert summary["floor_over_unbatched"] == pytest.approx(10.0)
+    assert any("2.50x (target >= 3x)" in line for line in lines)
+    table = bench_serving.format_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "| gRPC floor | 1 | 32 |" in table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--clients", "1,x"], "comma-separated integers"),
+    (["--batch_sizes", "0"], "must be >= 1"),
+    (["--seconds", "0"], "--seconds > 0"),
+])
+def test_bad_arguments_stop_before_any_work(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        bench_serving.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_load_generator_against_the_floor_server(tmp_path):
+    response = tmp_path / "response.bin"
+    response.write_bytes(b"\x0a\x03abc")
+    request = tmp_path / "request.bin"
+    request.write_bytes(b"\x0a\x01x" * 100)
+    with floor_server(response) as port:
+        out = run_load(port, request, "--clients", "3", "--seconds", "0.5", "--warmup", "0.1")
+    assert out[:2] == ["WINDOW_START", "WINDOW_END"]
+    result = json.loads(out[-1])
+    assert result["num_errors"] == 0 and result["requests"] > 0
+    assert result["latencies_ms"] == sorted(result["latencies_ms"])
+    assert 0.4 < result["seconds"] <= 0.5 + 1e-6
+    assert result["client_cpu_s"] > 0
+
+
+def test_load_generator_reports_failed_calls_and_unreachable_servers(tmp_path):
+    request = tmp_path / "request.bin"
+    request.write_bytes(b"")
+    with floor_server(request, "--method", "/other.Service/Call") as port:
+        out = run_load(port, request, "--clients", "2", "--seconds", "0.3", "--warmup", "0")
+    result = json.loads(out[-1])
+    # The floor answers only /other.Service/Call: every Predict is UNIMPLEMENTED, and counted.
+    assert result["requests"] == 0 and result["num_errors"] > 0
+    assert result["errors"][0].startswith("UNIMPLEMENTED")
+
+    closed = subprocess.run(
+        [sys.executable, GRPC_LOAD, "load", "--target", f"127.0.0.1:{bench_serving.free_port()}",
+         "--request", str(request), "--seconds", "0.3", "--connect_timeout", "1"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert closed.returncode != 0 and "could not connect" in closed.stderr
+
+
+def test_tiny_benchmark_run_checks_answers_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "bench_serving.py"), "--model", "digits",
+         "--seconds", "0.4", "--rounds", "1", "--batch_sizes", "1", "--clients", "1,2",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(out.read_text())
+    cells = {(r["mode"], r["clients"]) for r in data["rows"]}
+    assert cells == {("in-process", 1), ("server", 1), ("server+batching", 1),
+                     ("gRPC floor", 1), ("server", 2), ("server+batching", 2),
+                     ("gRPC floor", 2)}
+    for row in data["rows"]:
+        assert row["requests"] > 0 and row["num_errors"] == 0, row
+    assert "batching_gain" in data["summary"] and "floor_over_unbatched" in data["summary"]
+    assert "batching gain, 2 clients at batch 1" in run.stdout
