@@ -2,9 +2,9 @@
 
 import numpy as np
 import tensorflow as tf
-import testing
 
 from keras_jem import energies
+from tests import testing
 
 
 def _logsumexp(logits):

@@ -6,12 +6,12 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
-import testing
 
 import keras_jem
 from keras_jem import callbacks as jem_callbacks
 from keras_jem import sampling
 from keras_jem.optimizers import SAM
+from tests import testing
 
 MODEL_CLASSES = {"jem": keras_jem.JEM, "jempp": keras_jem.JEMPP, "sadajem": keras_jem.SADAJEM}
 

@@ -5,13 +5,13 @@ import json
 import keras
 import numpy as np
 import tensorflow as tf
-import testing
 
 import keras_jem
 from keras_jem.optimizers import SAM
 from keras_jem.optimizers import SharpnessAwareModel
 from keras_jem.optimizers import WarmupPiecewiseConstant
 from keras_jem.optimizers import sam as sam_lib
+from tests import testing
 
 LEARNING_RATE = 0.1
 

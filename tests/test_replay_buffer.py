@@ -5,9 +5,9 @@ import json
 import keras
 import numpy as np
 import tensorflow as tf
-import testing
 
 from keras_jem.sampling import ReplayBuffer
+from tests import testing
 
 
 def _seed(a, b=0):

@@ -6,11 +6,11 @@ import json
 import keras
 import numpy as np
 import tensorflow as tf
-import testing
 
 from keras_jem import sampling
 from keras_jem.sampling import SGLD
 from keras_jem.sampling import ProximalSGLD
+from tests import testing
 
 
 def _seed(a, b=0):

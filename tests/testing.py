@@ -1,6 +1,7 @@
 """Shared helpers for the keras-jem tests: a TestCase, tiny models, data and subprocesses.
 
-Tests import it as `import testing` (pytest puts `tests/` on `sys.path`); it holds no tests.
+Tests import it as `from tests import testing` (`pythonpath = ["."]` in pyproject.toml puts the
+repository root on `sys.path`, for `pytest` as for `python -m pytest`); it holds no tests.
 """
 
 import functools
