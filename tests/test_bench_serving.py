@@ -14,7 +14,7 @@ import pytest
 from tools import bench_serving
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GRPC_LOAD = os.path.join(REPO, "tools", "grpc_load.py")
+GRPC_LOAD = bench_serving.GRPC_LOAD
 
 
 def _row(mode, batch, clients, img_per_s, p50_ms, img_per_cpu_s=None):
@@ -24,18 +24,14 @@ def _row(mode, batch, clients, img_per_s, p50_ms, img_per_cpu_s=None):
 
 
 @contextlib.contextmanager
-def floor_server(response_file, *extra):
-    """`grpc_load.py floor` on a free port; yields the port."""
-    port = bench_serving.free_port()
-    floor = subprocess.Popen(
-        [sys.executable, GRPC_LOAD, "floor", "--port", str(port), "--response",
-         str(response_file), *extra], stdout=subprocess.PIPE, text=True)
+def floor_server(response_file, tmp_path, **kwargs):
+    """`grpc_load.py floor` on a free port (`bench_serving.start_floor`); yields the port."""
+    process, port = bench_serving.start_floor(str(response_file), str(tmp_path / "floor.log"),
+                                              **kwargs)
     try:
-        assert floor.stdout.readline().startswith("FLOOR_READY")
         yield port
     finally:
-        floor.terminate()
-        floor.wait(timeout=30)
+        bench_serving.stop_process(process)
 
 
 def run_load(port, request_file, *extra):
@@ -80,7 +76,7 @@ def test_load_generator_against_the_floor_server(tmp_path):
     response.write_bytes(b"\x0a\x03abc")
     request = tmp_path / "request.bin"
     request.write_bytes(b"\x0a\x01x" * 100)
-    with floor_server(response) as port:
+    with floor_server(response, tmp_path) as port:
         out = run_load(port, request, "--clients", "3", "--seconds", "0.5", "--warmup", "0.1")
     assert out[:2] == ["WINDOW_START", "WINDOW_END"]
     result = json.loads(out[-1])
@@ -93,7 +89,7 @@ def test_load_generator_against_the_floor_server(tmp_path):
 def test_load_generator_reports_failed_calls_and_unreachable_servers(tmp_path):
     request = tmp_path / "request.bin"
     request.write_bytes(b"")
-    with floor_server(request, "--method", "/other.Service/Call") as port:
+    with floor_server(request, tmp_path, method="/other.Service/Call") as port:
         out = run_load(port, request, "--clients", "2", "--seconds", "0.3", "--warmup", "0")
     result = json.loads(out[-1])
     # The floor answers only /other.Service/Call: every Predict is UNIMPLEMENTED, and counted.

@@ -56,9 +56,10 @@ from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
 
+from tools.grpc_load import MESSAGE_OPTIONS
+from tools.grpc_load import PREDICT_METHOD
+
 GRPC_LOAD = os.path.join(REPO, "tools", "grpc_load.py")
-PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
-MODES = ("in-process", "server", "server+batching", "gRPC floor")
 
 
 def build_export(kind, base):
@@ -208,12 +209,13 @@ def start_server(base, batching, args, log_path):
     return process, port
 
 
-def start_floor(response_file, log_path):
+def start_floor(response_file, log_path, method=PREDICT_METHOD):
+    """`grpc_load.py floor` answering `method` on a free port; returns (process, port)."""
     port = free_port()
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, GRPC_LOAD, "floor", "--port", str(port), "--response",
-             response_file], stdout=subprocess.PIPE, stderr=log, text=True)
+             response_file, "--method", method], stdout=subprocess.PIPE, stderr=log, text=True)
     line = process.stdout.readline()
     if not line.startswith("FLOOR_READY"):
         process.kill()
@@ -234,9 +236,7 @@ def prepare_requests(in_process, server, batch_sizes, image_shape, tmp):
     """Writes one serialized PredictRequest and its PredictResponse per batch size; checks that
     the server's answer equals the in-process outputs."""
     files = {}
-    channel = grpc.insecure_channel(
-        f"127.0.0.1:{server[1]}", options=[("grpc.max_send_message_length", 256 << 20)]
-    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{server[1]}", options=MESSAGE_OPTIONS)
     predict = channel.unary_unary(PREDICT_METHOD)
     try:
         for batch in batch_sizes:

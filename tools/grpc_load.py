@@ -31,16 +31,16 @@ import time
 import grpc
 
 PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
-_MAX_MESSAGE = 256 << 20
+# Channel and server options: room for large image batches in either direction.
+MESSAGE_OPTIONS = [
+    ("grpc.max_send_message_length", 256 << 20),
+    ("grpc.max_receive_message_length", 256 << 20),
+]
 
 
 async def _load(args, request):
-    options = [
-        ("grpc.max_send_message_length", _MAX_MESSAGE),
-        ("grpc.max_receive_message_length", _MAX_MESSAGE),
-        # One connection per client, as separate client processes would have.
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
+    # One connection per client, as separate client processes would have.
+    options = [*MESSAGE_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
     channels = [grpc.aio.insecure_channel(args.target, options=options)
                 for _ in range(args.clients)]
     calls = [channel.unary_unary(args.method) for channel in channels]
@@ -111,11 +111,7 @@ async def _floor(args, response):
 
     handler = grpc.unary_unary_rpc_method_handler(answer)
     service, method = args.method.strip("/").split("/")
-    server = grpc.aio.server(options=[
-        ("grpc.max_send_message_length", _MAX_MESSAGE),
-        ("grpc.max_receive_message_length", _MAX_MESSAGE),
-        ("grpc.so_reuseport", 0),
-    ])
+    server = grpc.aio.server(options=[*MESSAGE_OPTIONS, ("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler(service, {method: handler})]
     )
