@@ -21,6 +21,8 @@ import math
 import os
 import sys
 
+from trainers import console
+
 logger = logging.getLogger("trainers.export")
 
 # Keys under which an evaluation report may store the log p(x) (logsumexp) OOD threshold.
@@ -71,6 +73,7 @@ def build_parser():
         help="comma-separated class names returned by `classify` (default: 0..K-1)",
     )
     parser.add_argument("--no_warmup", action="store_true", help="do not write warmup requests")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's C++ log lines")
     return parser
 
 
@@ -153,6 +156,7 @@ def main(argv=None):
     class_names = args.class_names.split(",") if args.class_names else None
 
     # Imported here so that `--help` and argument errors are instant.
+    console.setup(verbose=args.verbose)
     import keras
 
     import keras_jem  # noqa: F401  (registers the keras_jem classes for deserialization)

@@ -6,6 +6,7 @@ Usage:
 python -m trainers.sample --model_dir runs/igebm_digits --task cond
 python -m trainers.sample --model_dir runs/igebm_digits --task inpaint --num_samples 16
 python -m trainers.sample --model_dir runs/igebm_digits --task compose --labels 3,8
+python -m trainers.sample --model_dir runs/jem --task cond --sampler mala --num_steps 2000
 ```
 
 Reads `MODEL_DIR/model.keras` and `MODEL_DIR/config.json` (written by `trainers.fit`) and writes
@@ -20,8 +21,16 @@ Reads `MODEL_DIR/model.keras` and `MODEL_DIR/config.json` (written by `trainers.
 - `compose`: rows = samples of each label of `--labels`, then samples of the sum of their
   energies (the product of the conditionals), all from the same starting noise.
 
+`--sampler mala` (uncond/cond) runs long chains of the Metropolis-adjusted Langevin algorithm
+(`keras_jem.sampling.MALA`, a correct MCMC sampler of p(x) or p(x | y), in inference mode) instead
+of the model's training sampler; the first `--num_adaptation_steps` tune the step size toward
+`--target_acceptance_rate`, and the acceptance rate of the chains after that is printed and stored
+in the summary (a rate near 0 means the step is too large for the model's energy).
+
 A JSON summary (task, path, settings and, for inpaint/denoise, the mean squared errors to the
-clean images) is printed on stdout. Bad input exits with code 2 before any sampling.
+clean images; for MALA the acceptance rate) is printed on stdout. Bad input exits with code 2
+before any sampling. TensorFlow's C++ log lines are hidden unless `--verbose` is given (see
+`trainers/console.py`).
 """
 
 import argparse
@@ -30,8 +39,11 @@ import os
 import sys
 import time
 
+from trainers import console
+
 TASKS = ("uncond", "cond", "inpaint", "denoise", "compose")
 MASKS = ("bottom", "top", "left", "right", "center", "random")
+SAMPLERS = ("model", "mala")
 
 
 class SampleError(Exception):
@@ -67,6 +79,15 @@ def build_parser():
     add("--num_rounds", type=int, default=5, help="denoise: rounds of sampling (IGEBM: 5)")
     add("--conditional", action="store_true",
         help="inpaint/denoise: use the true labels' class energy E(x, y)")
+    add("--sampler", default="model", choices=SAMPLERS,
+        help="uncond/cond: the model's own sampler, or long MALA chains (default model)")
+    add("--step_size", type=float, default=1e-3,
+        help="mala: initial step size (the Langevin proposal's noise variance)")
+    add("--num_adaptation_steps", type=int, default=None,
+        help="mala: leading steps that tune the step size (default: a quarter of --num_steps)")
+    add("--target_acceptance_rate", type=float, default=0.574,
+        help="mala: acceptance rate the step-size adaptation aims at")
+    add("--verbose", action="store_true", help="show TensorFlow's C++ log lines")
     return parser
 
 
@@ -90,6 +111,24 @@ def validate_args(args):
         raise SampleError("--task compose needs at least two labels, e.g. --labels 3,8.")
     if args.from_buffer and args.task not in ("uncond", "cond"):
         raise SampleError("--from_buffer applies to --task uncond or cond only.")
+    if args.sampler == "mala":
+        if args.task not in ("uncond", "cond"):
+            raise SampleError(f"--sampler mala applies to --task uncond or cond only. "
+                              f"Received: --task {args.task}.")
+        if args.num_steps is None:
+            args.num_steps = 1000
+        if args.num_adaptation_steps is None:
+            args.num_adaptation_steps = args.num_steps // 4
+        if not 0 <= args.num_adaptation_steps < max(args.num_steps, 1):
+            raise SampleError(
+                f"--num_adaptation_steps must be in [0, --num_steps) so that some steps are "
+                f"measured. Received: {args.num_adaptation_steps} with --num_steps "
+                f"{args.num_steps}.")
+        if not args.step_size > 0:
+            raise SampleError(f"--step_size must be positive. Received: {args.step_size}")
+        if not 0 < args.target_acceptance_rate < 1:
+            raise SampleError("--target_acceptance_rate must be in (0, 1). Received: "
+                              f"{args.target_acceptance_rate}")
     model_dir = os.path.expanduser(args.model_dir)
     if not os.path.isdir(model_dir):
         raise SampleError(f"--model_dir {model_dir!r} does not exist.")
@@ -187,6 +226,42 @@ def _load_images(args, model, count):
     return images[order], labels[order]
 
 
+def sample_mala(model, args, num_samples=None, y=None):
+    """Long MALA chains under the model's energy (inference mode); returns (images, summary)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_jem.sampling import MALA
+
+    num_samples = len(y) if y is not None else num_samples
+    labels = None if y is None else tf.constant(np.asarray(y, np.int32))
+    seed = tf.constant([args.seed, 29], tf.int64)
+    if args.from_buffer:
+        _, x_init, _ = model.buffer.draw(num_samples, labels=labels, seed=seed)
+    else:
+        x_init = model.buffer.fresh_samples(num_samples, labels=labels, seed=seed)
+    sampler = MALA(num_steps=args.num_steps, step_size=args.step_size,
+                   num_adaptation_steps=args.num_adaptation_steps,
+                   target_acceptance_rate=args.target_acceptance_rate)
+    print(f"[trainers.sample] MALA: {num_samples} chains, {args.num_steps} steps "
+          f"({args.num_adaptation_steps} adapting the step size)...", file=sys.stderr, flush=True)
+    result = sampler.sample(model, x_init, y=labels, seed=seed, training=False)
+    rates = keras.ops.convert_to_numpy(result.acceptance_rate)
+    summary = {
+        "sampler": "mala",
+        "mala": sampler.get_config(),
+        "acceptance_rate": float(np.mean(rates)),
+        "acceptance_rate_quantiles": [float(q) for q in np.quantile(rates, [0.0, 0.5, 1.0])],
+        "final_step_size": float(result.step_size),
+    }
+    print(f"[trainers.sample] MALA acceptance rate {summary['acceptance_rate']:.3f} (per chain "
+          f"{rates.min():.3f} to {rates.max():.3f}) over the last "
+          f"{args.num_steps - args.num_adaptation_steps} steps; step size "
+          f"{summary['final_step_size']:.3g}", file=sys.stderr, flush=True)
+    return keras.ops.convert_to_numpy(result.samples), summary
+
+
 def run(args):
     import keras
     import numpy as np
@@ -202,7 +277,19 @@ def run(args):
     start = time.time()
     to_numpy = keras.ops.convert_to_numpy
     task = args.task
-    if task == "uncond":
+    if args.sampler == "mala":
+        labels = None
+        if task == "cond":
+            labels = _check_labels(model, args.labels)
+            per_row = args.num_samples or 8
+            summary["labels"] = labels
+            num_cols = per_row
+            grid, mala = sample_mala(model, args, y=np.repeat(labels, per_row))
+        else:
+            num_cols = None
+            grid, mala = sample_mala(model, args, num_samples=args.num_samples or 64)
+        summary.update(mala)
+    elif task == "uncond":
         count = args.num_samples or 64
         grid = to_numpy(model.sample(num_samples=count, num_steps=args.num_steps,
                                      from_buffer=args.from_buffer, seed=args.seed))
@@ -268,6 +355,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         validate_args(args)
+        console.setup(verbose=args.verbose)
         summary = run(args)
     except SampleError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -40,3 +40,4 @@ from keras_jem.metrics.robustness import robust_accuracy_curve
 from keras_jem.metrics.robustness import save_robustness_json
 from keras_jem.metrics.robustness import save_robustness_plot
 from keras_jem.metrics.robustness import to_data_units
+from keras_jem.metrics.saliency import run_saliency_task

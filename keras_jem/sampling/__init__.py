@@ -1,6 +1,7 @@
 """Samplers and the replay buffer: one interface for every method."""
 
 from keras_jem.sampling.latent_target import LatentTargetSampler
+from keras_jem.sampling.mala import MALA
 from keras_jem.sampling.noise import next_seed
 from keras_jem.sampling.proximal import ProximalSGLD
 from keras_jem.sampling.replay_buffer import ReplayBuffer
