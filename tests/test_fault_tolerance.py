@@ -10,6 +10,7 @@ import time
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from keras_jem import checkpointing
@@ -409,6 +410,20 @@ def test_sigkill_mid_epoch_then_same_command_resumes_at_epoch_and_step(tmp_path)
     lines = (model_dir / "history.csv").read_text().splitlines()
     assert lines[0].startswith("epoch") and len(lines) >= 3
 
+    # Resume equivalence: the same command never interrupted ends with the same weights,
+    # buffer, optimizer state and seeds, so the resumed run trained on the same batches.
+    straight_dir = tmp_path / "straight"
+    assert fit.main(["--model_dir", str(straight_dir), *TINY]) == 0
+    ends = [checkpointing.StepBackup(str(d / "backup"), steps_per_epoch=7,
+                                     worker_index=0).checkpoints()[0]
+            for d in (model_dir, straight_dir)]
+    assert [e["global_step"] for e in ends] == [14, 14]
+    resumed_end, straight_end = (checkpoint_lists(e["path"]) for e in ends)
+    for name in ("weights", "seed_states", "optimizer"):
+        assert len(resumed_end[name]) == len(straight_end[name]) > 0
+        for index, (value, expected) in enumerate(zip(resumed_end[name], straight_end[name])):
+            np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{name} {index}")
 
 
 def test_backup_of_another_model_stops_before_training(tmp_path, capsys):
@@ -430,3 +445,29 @@ def test_backup_of_another_model_stops_before_training(tmp_path, capsys):
     with open(os.path.join(model_dir, "history.csv")) as f:
         assert f.read() == history
 
+
+def test_restarted_run_keeps_the_rollback_count_and_does_not_replay_the_seed(tmp_path, capsys):
+    # Every step diverges. The first run rolls back once (seed 1001) and gives up; the same
+    # command with one more allowed rollback must count on from 1 and use seed 2001: replaying
+    # seed 1001 would repeat the run that diverged.
+    args = ["--model_dir", str(tmp_path / "run"), *TINY, "--epochs", "1",
+            "--divergence_threshold", "1e-6"]
+    config, _ = fit.resolve_config([*args, "--max_rollbacks", "1"])
+    with pytest.raises(RuntimeError, match="after 1 rollbacks"):
+        fit.run(config)
+    first = capsys.readouterr().out
+    assert "continuing with seed 1001 (rollback 1 of at most 1)" in first
+    backup = checkpointing.StepBackup(str(tmp_path / "run" / "backup"), steps_per_epoch=7,
+                                      worker_index=0)
+    newest = backup.checkpoints()[0]
+    assert (newest["rollbacks"], newest["seed"], newest["global_step"]) == (1, 1001, 0)
+    assert checkpoint_lists(newest["path"])["seed_states"][0].tolist() == [1001, 0]
+
+    config, _ = fit.resolve_config([*args, "--max_rollbacks", "2"])
+    with pytest.raises(RuntimeError, match="after 2 rollbacks"):
+        fit.run(config)
+    second = capsys.readouterr().out
+    assert "continuing with seed 2001 (rollback 2 of at most 2)" in second
+    assert "seed 1001" not in second
+    newest = backup.checkpoints()[0]
+    assert (newest["rollbacks"], newest["seed"]) == (2, 2001)
