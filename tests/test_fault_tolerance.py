@@ -202,6 +202,17 @@ class TestStepBackup(testing.TestCase):
             checkpointing.StepBackup(root, steps_per_epoch=4).restore(other)
         assert_same_state(state(other), before)
 
+    def test_backup_of_the_old_h5_format_is_refused_with_instructions(self):
+        root = self.get_temp_dir()
+        with open(os.path.join(root, "training_metadata.json"), "w") as f:
+            json.dump({"format": 1, "global_step": 8, "weights": "ckpt-000000008.weights.h5"}, f)
+        model = tiny_model()
+        before = state(model)
+        with self.assertRaisesRegex(checkpointing.IncompatibleCheckpointError,
+                                    "older keras-jem.*model.load_weights"):
+            checkpointing.StepBackup(root, steps_per_epoch=4).restore(model)
+        assert_same_state(state(model), before)
+
     def test_non_finite_state_is_never_saved(self):
         # A rollback to NaN weights would diverge again at once and burn every rollback.
         root, model, backup = self.saved_at_step(4)
