@@ -1,4 +1,8 @@
-"""Training callbacks for the JEM family: divergence guard, sample grids, reseeding."""
+"""Training callbacks for the JEM family: divergence guard and sample grids.
+
+The step-level backup that never saves a diverged state is
+`keras_jem.checkpointing.StepBackup`.
+"""
 
 import os
 
@@ -13,8 +17,9 @@ class DivergenceGuard(keras.callbacks.Callback):
     last good checkpoint with a new seed. The models report `diverged` (non-finite loss, or loss or
     energies beyond the model's `divergence_threshold`) on every step; this callback stops `fit`
     and records where it happened in `diverged_at = (epoch, batch, logs)`, so a driver (e.g.
-    `trainers.fit`) can restore the last checkpoint and go on with another seed. Pass it the
-    `GuardedBackupAndRestore` so the backup is not overwritten by the diverged state.
+    `trainers.fit`) can restore the last checkpoint and go on with another seed. Pass it to
+    `keras_jem.checkpointing.StepBackup(guard=...)` so the backup is not overwritten by the
+    diverged state (`StepBackup.rollback` then restores and reseeds).
 
     Example:
 
@@ -45,55 +50,6 @@ class DivergenceGuard(keras.callbacks.Callback):
     @property
     def diverged(self):
         return self.diverged_at is not None
-
-
-class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`keras.callbacks.BackupAndRestore` that never saves after a divergence.
-
-    When training stops on divergence, Keras still ends the epoch, and the plain callback would
-    back up the diverged weights. This one skips saving once `guard.diverged` is set, so the
-    backup stays at the last good state. (`trainers.fit` uses
-    `keras_jem.checkpointing.StepBackup`, which also resumes mid-epoch and saves the seeds.)
-
-    Args:
-        backup_dir: as in `BackupAndRestore`.
-        guard: the run's `DivergenceGuard`.
-        **kwargs: `save_freq`, `double_checkpoint`, `delete_checkpoint`.
-    """
-
-    def __init__(self, backup_dir, guard, **kwargs):
-        super().__init__(backup_dir, **kwargs)
-        self.guard = guard
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not self.guard.diverged:
-            super().on_epoch_end(epoch, logs)
-
-    def on_train_batch_end(self, batch, logs=None):
-        if not self.guard.diverged:
-            super().on_train_batch_end(batch, logs)
-
-    def on_train_end(self, logs=None):
-        # With delete_checkpoint=True the plain callback deletes the backup when fit ends; after
-        # a divergence that backup is the last good state the rollback needs.
-        if not self.guard.diverged:
-            super().on_train_end(logs)
-
-
-class Reseed(keras.callbacks.Callback):
-    """Sets the sampler's seed state at the start of training (place it after a restore).
-
-    Args:
-        seed: the new seed.
-    """
-
-    def __init__(self, seed):
-        super().__init__()
-        self.seed = int(seed)
-
-    def on_train_begin(self, logs=None):
-        state = self.model.seed_generator.state
-        state.assign(np.array([self.seed, 0], dtype=state.dtype))
 
 
 class SampleGrid(keras.callbacks.Callback):

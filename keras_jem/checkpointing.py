@@ -1,19 +1,32 @@
 """Fault-tolerant training: step-level backups that resume at the saved epoch *and* step.
 
 `keras.callbacks.BackupAndRestore` restores the epoch only (a run killed mid-epoch repeats the
-epoch from its first step), writes its files in place (a kill while writing leaves a corrupt
-backup) and does not save the state of `keras.random.SeedGenerator`s, so a resumed JEM run would
-replay the sampler noise of its first steps. `StepBackup` keeps everything a JEM run needs:
+epoch from its first step) and does not save the state of `keras.random.SeedGenerator`s, so a
+resumed JEM run would replay the sampler noise of its first steps. `StepBackup` writes
+TensorFlow checkpoints (`tf.train.Checkpoint`, kept and committed by
+`tf.train.CheckpointManager`) holding everything a JEM run needs:
 
-- the model weights, the replay buffer, the optimizer state (one `.weights.h5` file);
+- the model weights, the replay buffer and the optimizer state;
 - the random state: every `SeedGenerator` of the model (the sampler's seed counter, dropout);
-- the position: epoch, step within the epoch and global step (the data stream is resumed by
-  skipping that many batches), plus the variable layout, to refuse an incompatible checkpoint
-  before training starts.
+- the position (epoch, step within the epoch, global step: the data stream is resumed by
+  skipping that many batches), the rollback count and seed of a diverged run, and the
+  variable layout, to refuse an incompatible checkpoint before anything is loaded. These live
+  *inside* the checkpoint (a `tf.train.experimental.PythonState`), so they can never disagree
+  with the variables they describe.
 
-Files are written to a temporary name and renamed, then `training_metadata.json` (the commit
-record) is replaced atomically, so a SIGKILL at any moment leaves the previous or the new
-checkpoint, never a broken one. The previous checkpoint is kept as a fallback.
+TensorFlow writes a checkpoint's files under temporary names and the manager then replaces its
+`checkpoint` state file atomically, so a SIGKILL at any moment leaves the previous or the new
+checkpoint, never a broken one; `keep` checkpoints are kept, the older ones as fallbacks for a
+damaged file. Non-finite weights are never saved. `training_metadata.json` mirrors the newest
+checkpoint for people and scripts; restoring reads the checkpoints themselves.
+
+Why the checkpoint holds flat variable lists rather than `tf.train.Checkpoint(model=model)`:
+with Keras 3 on TF 2.21 the object graph of a model misses every layer kept in a Python list or
+dict (Keras' `TrackedList`/`TrackedDict` are not TensorFlow trackables; a `SmallCNN` backbone
+lost all 12 of its variables that way) and every `SeedGenerator` (not a trackable either). Keras
+variables themselves are trackables, so `model.weights`, the seed-generator states and
+`optimizer.variables` are saved as three ordered lists, the same order `model.save_weights`
+relies on.
 
 `fit_from_backup` resumes with public Keras APIs only: when the backup is mid-epoch it first fits
 the remaining steps of that epoch (`initial_epoch=e`, `steps_per_epoch=steps - s`), then the
@@ -30,16 +43,22 @@ Example:
 import json
 import logging
 import os
+import re
 import time
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 logger = logging.getLogger("keras_jem.checkpointing")
 
-WEIGHTS_FILE = "latest.weights.h5"
 METADATA_FILE = "training_metadata.json"
-FORMAT_VERSION = 1
+CHECKPOINT_NAME = "ckpt"
+FORMAT_VERSION = 2
+_RUN_STATE_KEY = "run/.ATTRIBUTES/py_state"
+# What TensorFlow's checkpoint reader raises on a truncated or damaged file: an OpError
+# (DataLossError, NotFoundError...), or IndexError/ValueError from its Python wrapper.
+_READ_ERRORS = (tf.errors.OpError, IndexError, ValueError)
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -47,26 +66,47 @@ class IncompatibleCheckpointError(ValueError):
 
 
 def variable_signature(model):
-    """`[[name, shape], ...]` of the variables a weights file holds, in order.
+    """`[[name, shape], ...]` of the model's weights then its optimizer's variables, in order.
 
-    Model weights then optimizer variables. Checkpoints are compared by shapes, in order; the
-    names (which may carry per-session unique prefixes such as `jem_1`) only label messages.
+    Checkpoints are compared by shapes, in order; the names (which may carry per-session unique
+    prefixes such as `jem_1`) only label messages.
     """
-    variables = list(model.weights)
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and optimizer.built:
-        variables += list(optimizer.variables)
-    return [[v.name, list(v.shape)] for v in variables]
+    return [[v.name, list(v.shape)] for v in _weights(model) + _optimizer_variables(model)]
 
 
 def seed_generator_states(model):
     """The state variables of every `keras.random.SeedGenerator` of `model`.
 
-    `model.variables` lists the weights and the seed generator states; `save_weights` keeps only
+    `model.variables` lists the weights and the seed generator states; `model.weights` only
     the former.
     """
     weights = {id(v) for v in model.weights}
     return [v for v in model.variables if id(v) not in weights]
+
+
+def _weights(model):
+    return list(model.weights)
+
+
+def _optimizer_variables(model):
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or not optimizer.built:
+        return []
+    return list(optimizer.variables)
+
+
+def non_finite_variables(variables):
+    """Names of the floating-point `variables` holding a NaN or an infinity.
+
+    One reduction per variable on its device and a single transfer of the verdicts, so the
+    check costs a read of the weights, not a copy of them to the host.
+    """
+    floats = [v for v in variables if "float" in str(v.dtype)]
+    if not floats:
+        return []
+    finite = keras.ops.convert_to_numpy(keras.ops.stack(
+        [keras.ops.all(keras.ops.isfinite(v)) for v in floats]))
+    return [v.path if hasattr(v, "path") else v.name for v, ok in zip(floats, finite) if not ok]
 
 
 def _atomic_write_json(path, payload):
@@ -90,13 +130,32 @@ def _signature_differences(saved, current, limit=4):
     return "; ".join(lines[:limit]) + more
 
 
+class _RunState(tf.train.experimental.PythonState):
+    """The run's position and counters as JSON, saved inside the checkpoint with the variables.
+
+    A `PythonState` rather than `tf.Variable`s: creating variables under a
+    `MultiWorkerMirroredStrategy` scope is a collective operation, a string is not.
+    """
+
+    def __init__(self):
+        self.values = {}
+
+    def serialize(self):
+        return json.dumps(self.values)
+
+    def deserialize(self, string_value):
+        self.values = json.loads(string_value)
+
+
 class StepBackup(keras.callbacks.Callback):
     """Backs up the whole training state every `save_freq` steps and at every epoch end.
 
     Use the same instance for `restore` (before `fit`) and as a callback; `fit_from_backup` does
     both. In a multi-worker run every worker keeps its own backup (the chief in `backup_dir`,
-    worker i in `backup_dir/worker_i`), and `restore` on all workers picks the newest step they
-    all hold.
+    worker i in `backup_dir/worker_i`), and `restore_on_all_workers` picks the newest step they
+    all hold. A state with a NaN or an infinity in any weight, buffer or optimizer variable is
+    never saved: the backup stays at the last good state and the attached `guard` (if any)
+    records a divergence, so the driver rolls back.
 
     Args:
         backup_dir: directory of the backup (created on the first save).
@@ -105,13 +164,22 @@ class StepBackup(keras.callbacks.Callback):
         steps_per_epoch: steps of one epoch; converts the global step to `(epoch, step)`.
         guard: optional `keras_jem.callbacks.DivergenceGuard`: nothing is saved once it has
             seen a divergence, so the backup stays at the last good state.
-        keep: number of checkpoints kept (>= 1; 2 keeps a fallback for a damaged file).
+        keep: number of checkpoints kept (>= 1; 2 keeps a fallback for a damaged file), the
+            `max_to_keep` of the `tf.train.CheckpointManager`.
         worker_index: index of this worker (default: from `TF_CONFIG`); workers other than the
             chief (0) write to `backup_dir/worker_<i>`.
 
     Attributes:
         global_step: steps trained so far (restored, then counted).
         epoch, step: the position `divmod(global_step, steps_per_epoch)`.
+        rollbacks: divergences rolled back so far in this run (restored with the backup).
+        seed: the seed the last rollback continued with (None before any rollback).
+
+    Example:
+
+    >>> backup = StepBackup("run/backup", save_freq=100, steps_per_epoch=390)
+    >>> backup.restore(model)
+    >>> fit_from_backup(model, train_ds, backup, epochs=200)
     """
 
     def __init__(self, backup_dir, save_freq="epoch", steps_per_epoch=None, guard=None, keep=2,
@@ -137,9 +205,13 @@ class StepBackup(keras.callbacks.Callback):
         self.guard = guard
         self.keep = int(keep)
         self.global_step = 0
+        self.rollbacks = 0
+        self.seed = None
         self.last_saved_step = None
+        self.refused_at = None
         self._epoch_start_step = 0
         self._since_save = 0
+        self._tracked = None  # (variable ids, tf.train.Checkpoint, run state, manager)
 
     # === Position ===
 
@@ -161,7 +233,7 @@ class StepBackup(keras.callbacks.Callback):
         return os.path.join(self.backup_dir, METADATA_FILE)
 
     def read_metadata(self):
-        """The metadata of the latest checkpoint, or None when there is none."""
+        """The contents of `training_metadata.json` (the newest checkpoint), or None."""
         try:
             with open(self.metadata_path) as f:
                 return json.load(f)
@@ -173,157 +245,190 @@ class StepBackup(keras.callbacks.Callback):
                 f"{self.backup_dir} to start over."
             ) from error
 
+    def checkpoint_paths(self):
+        """Prefixes of the checkpoints the manager keeps, newest first."""
+        state = tf.train.get_checkpoint_state(self.backup_dir)
+        if state is None:
+            return []
+        paths = [p if os.path.isabs(p) else os.path.join(self.backup_dir, p)
+                 for p in state.all_model_checkpoint_paths]
+        return paths[::-1]
+
+    def checkpoints(self):
+        """What each kept checkpoint holds, newest first: its run state plus `path`.
+
+        Read from the checkpoints themselves (their index and run-state string, not the
+        variables). A checkpoint whose index cannot be read is left out with a warning.
+        """
+        entries = []
+        for path in self.checkpoint_paths():
+            try:
+                reader = tf.train.load_checkpoint(path)
+                values = json.loads(reader.get_tensor(_RUN_STATE_KEY))
+            except _READ_ERRORS as error:
+                logger.warning("checkpoint %s is unreadable (%s); it is skipped", path, error)
+                continue
+            entries.append(dict(values, path=path, weights=os.path.basename(path)))
+        return entries
+
     def exists(self):
-        return self.read_metadata() is not None
+        return bool(self.checkpoint_paths())
+
+    def _checkpoint(self, model):
+        """The `tf.train.Checkpoint` over `model`'s variables (rebuilt when they change)."""
+        weights, seeds = _weights(model), seed_generator_states(model)
+        optimizer = _optimizer_variables(model)
+        key = tuple(id(v) for v in weights + seeds + optimizer)
+        if self._tracked is None or self._tracked[0] != key:
+            run = _RunState()
+            checkpoint = tf.train.Checkpoint(weights=weights, seed_states=seeds,
+                                             optimizer=optimizer, run=run)
+            manager = tf.train.CheckpointManager(checkpoint, self.backup_dir,
+                                                 max_to_keep=self.keep,
+                                                 checkpoint_name=CHECKPOINT_NAME)
+            self._tracked = (key, checkpoint, run, manager)
+        return self._tracked[1:]
 
     def save(self, model=None):
-        """Writes a checkpoint of `model` (default: the callback's model) at `global_step`."""
+        """Writes a checkpoint of `model` (default: the callback's model) at `global_step`.
+
+        Returns:
+            The checkpoint's path prefix, or None when the state holds a NaN or an infinity
+            (then nothing is written and the previous checkpoint stays the newest).
+        """
         model = model or self.model
-        os.makedirs(self.backup_dir, exist_ok=True)
-        name = f"ckpt-{self.global_step:09d}.weights.h5"
-        path = os.path.join(self.backup_dir, name)
-        tmp = os.path.join(self.backup_dir, f"tmp-{self.global_step:09d}.weights.h5")
+        bad = non_finite_variables(_weights(model) + _optimizer_variables(model))
+        if bad:
+            self.refused_at = self.global_step
+            logger.warning(
+                "not backing up step %d: %d variable(s) hold NaN or infinity (%s); the backup "
+                "stays at step %s", self.global_step, len(bad), ", ".join(bad[:3]),
+                self.last_saved_step)
+            return None
         start = time.time()
-        model.save_weights(tmp, overwrite=True)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        optimizer = getattr(model, "optimizer", None)
+        _, run, manager = self._checkpoint(model)
         from keras_jem import distribute
 
-        entry = {
-            "weights": name,
-            "global_step": self.global_step,
-            "optimizer_iterations": (int(keras.ops.convert_to_numpy(optimizer.iterations))
-                                     if optimizer is not None else None),
-            # keras.random.SeedGenerator states: save_weights does not hold them.
-            "seed_states": [np.asarray(keras.ops.convert_to_numpy(v)).tolist()
-                            for v in seed_generator_states(model)],
-        }
-        previous = self.read_metadata()
-        kept = [entry]
-        if previous is not None:
-            kept += [c for c in previous.get("checkpoints", [])
-                     if c["weights"] != name][: self.keep - 1]
-        metadata = {
+        run.values = {
             "format": FORMAT_VERSION,
-            # `epoch`/`batch` as keras.callbacks.BackupAndRestore writes them.
-            "epoch": self.epoch,
-            "batch": self.step,
-            "step": self.step,
             "global_step": self.global_step,
             "steps_per_epoch": self.steps_per_epoch,
-            "weights": name,
-            "optimizer_iterations": entry["optimizer_iterations"],
-            "checkpoints": kept,
+            "rollbacks": self.rollbacks,
+            "seed": self.seed,
             "num_replicas": distribute.num_replicas(),
             "model_class": model.__class__.__name__,
             "signature": variable_signature(model),
-            "time": time.time(),
         }
-        _atomic_write_json(self.metadata_path, metadata)
-        # Convenience copy under the name keras.callbacks.BackupAndRestore uses.
-        latest = os.path.join(self.backup_dir, WEIGHTS_FILE)
-        try:
-            os.link(path, latest + ".tmp")
-        except OSError:
-            import shutil
-
-            shutil.copyfile(path, latest + ".tmp")
-        os.replace(latest + ".tmp", latest)
-        for stale in os.listdir(self.backup_dir):
-            if stale.startswith(("ckpt-", "tmp-")) and stale not in {
-                c["weights"] for c in kept
-            }:
-                try:
-                    os.remove(os.path.join(self.backup_dir, stale))
-                except OSError:
-                    pass
+        numbers = [int(m.group(1)) for m in (re.search(r"-(\d+)$", p)
+                                             for p in manager.checkpoints) if m]
+        path = manager.save(checkpoint_number=max(numbers, default=0) + 1)
         self.last_saved_step = self.global_step
         self._since_save = 0
+        self._write_metadata(model, path)
         logger.info("backup at step %d (epoch %d, step %d) in %.1f s", self.global_step,
                     self.epoch, self.step, time.time() - start)
         return path
 
+    def _write_metadata(self, model, path):
+        optimizer = getattr(model, "optimizer", None)
+        kept = []
+        for entry in self.checkpoints():
+            reader = tf.train.load_checkpoint(entry["path"])
+            seeds = sorted(k for k in reader.get_variable_to_shape_map()
+                           if k.startswith("seed_states/"))
+            kept.append({"weights": entry["weights"], "global_step": entry["global_step"],
+                         "seed_states": [reader.get_tensor(k).tolist() for k in seeds]})
+        _, run, _ = self._checkpoint(model)
+        _atomic_write_json(self.metadata_path, dict(
+            run.values,
+            # `epoch`/`batch` as keras.callbacks.BackupAndRestore writes them.
+            epoch=self.epoch, batch=self.step, step=self.step,
+            weights=os.path.basename(path),
+            optimizer_iterations=(int(keras.ops.convert_to_numpy(optimizer.iterations))
+                                  if optimizer is not None else None),
+            checkpoints=kept, time=time.time(),
+        ))
+
     def restore(self, model, global_step=None):
-        """Loads the latest checkpoint (or the one at `global_step`) into a built `model`.
+        """Loads the newest checkpoint (or the newest at `global_step`) into a built `model`.
+
+        Falls back to an older checkpoint when the newest is damaged.
 
         Returns:
-            The checkpoint's metadata, or None when there is no checkpoint (then nothing
-            changes).
+            The restored checkpoint's metadata, or None when there is no checkpoint (then
+            nothing changes).
 
         Raises:
             IncompatibleCheckpointError: when the checkpoint was written by a model or optimizer
-                with other variables; nothing is loaded then.
+                with other variables (nothing is loaded then), or no kept checkpoint is
+                readable.
         """
-        metadata = self.read_metadata()
-        if metadata is None:
+        entries = self.checkpoints()
+        if not entries:
+            metadata = self.read_metadata()
+            if metadata is not None and metadata.get("format", 1) < FORMAT_VERSION:
+                raise IncompatibleCheckpointError(
+                    f"The backup in {self.backup_dir} was written by an older keras-jem "
+                    "(Keras .weights.h5 files, format 1) and cannot be resumed by this one. "
+                    f"Load its weights with model.load_weights, or delete {self.backup_dir}.")
+            if self.checkpoint_paths():
+                raise IncompatibleCheckpointError(
+                    f"No checkpoint in {self.backup_dir} is readable. Delete it to start over.")
             return None
         if not model.built:
             raise ValueError("Build the model (and its optimizer) before restoring a backup.")
         optimizer = getattr(model, "optimizer", None)
         if optimizer is not None and not optimizer.built:
             optimizer.build(model.trainable_variables)
-        checkpoints = metadata.get("checkpoints") or [
-            {"weights": metadata["weights"], "global_step": metadata["global_step"],
-             "seed_states": metadata.get("seed_states", [])}]
-        if global_step is None:
-            global_step = checkpoints[0]["global_step"]
-        matching = [c for c in checkpoints if c["global_step"] == int(global_step)]
-        if not matching:
-            raise IncompatibleCheckpointError(
-                f"The backup in {self.backup_dir} holds no checkpoint at step {global_step} "
-                f"(it holds steps {', '.join(str(c['global_step']) for c in checkpoints)})."
-            )
-        entry = matching[0]
-        saved = metadata.get("signature")
-        current = variable_signature(model)
-        if saved is not None and [s for _, s in saved] != [s for _, s in current]:
-            raise IncompatibleCheckpointError(
-                f"The backup in {self.backup_dir} was written by a different model or optimizer "
-                f"({metadata.get('model_class')}): {_signature_differences(saved, current)}. "
-                "Restore it into the model it was written by, or start this configuration in "
-                "another directory (or delete the backup)."
-            )
-        path = os.path.join(self.backup_dir, entry["weights"])
-        try:
-            model.load_weights(path)
-        except (OSError, ValueError) as error:
-            older = [c for c in checkpoints if c["global_step"] < entry["global_step"]]
-            if isinstance(error, ValueError) or not older:
+        if global_step is not None:
+            matching = [e for e in entries if e["global_step"] == int(global_step)]
+            if not matching:
                 raise IncompatibleCheckpointError(
-                    f"Could not restore {path}: {error}. Use another --model_dir or delete "
-                    f"{self.backup_dir}."
-                ) from error
-            logger.warning("checkpoint %s is unreadable (%s); falling back to step %d", path,
-                           error, older[0]["global_step"])
-            return self.restore(model, global_step=older[0]["global_step"])
-        states = seed_generator_states(model)
-        saved_states = entry.get("seed_states") or []
-        if len(saved_states) == len(states):
-            for variable, value in zip(states, saved_states):
-                variable.assign(np.asarray(value, dtype=variable.dtype))
-        elif saved_states:
-            logger.warning("the backup holds %d random-seed states, the model %d: seeds are "
-                           "not restored", len(saved_states), len(states))
-        metadata = dict(metadata, global_step=entry["global_step"], weights=entry["weights"])
-        self.global_step = int(metadata["global_step"])
+                    f"The backup in {self.backup_dir} holds no checkpoint at step {global_step} "
+                    f"(it holds steps {', '.join(str(e['global_step']) for e in entries)}).")
+            entries = matching + [e for e in entries if e["global_step"] < int(global_step)]
+        current = variable_signature(model)
+        for index, entry in enumerate(entries):
+            saved = entry["signature"]
+            if [s for _, s in saved] != [s for _, s in current]:
+                raise IncompatibleCheckpointError(
+                    f"The backup in {self.backup_dir} was written by a different model or "
+                    f"optimizer ({entry.get('model_class')}): "
+                    f"{_signature_differences(saved, current)}. Restore it into the model it "
+                    "was written by, or start this configuration in another directory (or "
+                    "delete the backup).")
+            checkpoint = self._checkpoint(model)[0]
+            try:
+                # Every model variable must be loaded; values only the checkpoint holds (the
+                # manager's save_counter) are expected to stay unread.
+                checkpoint.read(entry["path"]).assert_existing_objects_matched().expect_partial()
+                break
+            except (*_READ_ERRORS, AssertionError) as error:
+                if index + 1 == len(entries):
+                    raise IncompatibleCheckpointError(
+                        f"Could not restore {entry['path']}: {error}. Use another --model_dir "
+                        f"or delete {self.backup_dir}.") from error
+                logger.warning("checkpoint %s is unreadable (%s); falling back to step %d",
+                               entry["path"], error, entries[index + 1]["global_step"])
+        self.global_step = int(entry["global_step"])
+        self.rollbacks = int(entry.get("rollbacks", 0))
+        self.seed = entry.get("seed")
         self.last_saved_step = self.global_step
-        metadata.update(epoch=self.epoch, step=self.step, batch=self.step)
-        if metadata.get("steps_per_epoch") and self.steps_per_epoch and (
-            metadata["steps_per_epoch"] != self.steps_per_epoch
+        metadata = dict(entry, epoch=self.epoch, step=self.step, batch=self.step)
+        if entry.get("steps_per_epoch") and self.steps_per_epoch and (
+            entry["steps_per_epoch"] != self.steps_per_epoch
         ):
             logger.warning("the backup was written with %d steps per epoch, this run uses %d: "
                            "global step %d is now epoch %d, step %d",
-                           metadata["steps_per_epoch"], self.steps_per_epoch, self.global_step,
+                           entry["steps_per_epoch"], self.steps_per_epoch, self.global_step,
                            self.epoch, self.step)
         from keras_jem import distribute
 
         replicas = distribute.num_replicas()
-        if metadata.get("num_replicas") and metadata["num_replicas"] != replicas:
+        if entry.get("num_replicas") and entry["num_replicas"] != replicas:
             logger.warning("the backup was written with %d replicas and is restored onto %d: "
                            "the replay buffer is re-split into %d shards",
-                           metadata["num_replicas"], replicas, replicas)
+                           entry["num_replicas"], replicas, replicas)
         return metadata
 
     def restore_on_all_workers(self, model, strategy):
@@ -336,8 +441,7 @@ class StepBackup(keras.callbacks.Callback):
 
         if not distribute.is_multi_worker(strategy):
             return self.restore(model)
-        metadata = self.read_metadata()
-        held = [c["global_step"] for c in (metadata or {}).get("checkpoints", [])]
+        held = [e["global_step"] for e in self.checkpoints()]
         held = (held + [-1] * self.keep)[: self.keep]
         gathered = distribute.gather_from_replicas(strategy, held)
         per_replica = [set(gathered[i:i + self.keep]) - {-1}
@@ -353,10 +457,41 @@ class StepBackup(keras.callbacks.Callback):
             )
         return self.restore(model, global_step=max(common))
 
+    def rollback(self, model, seed, strategy=None):
+        """Rolls a diverged run back to the last checkpoint and continues it with `seed`.
+
+        Restores the newest checkpoint (on every worker, the newest step all hold), sets the
+        model's random state to the new seed (`SeedGenerator` i gets `[seed + i, 0]`), counts
+        the rollback and saves at once, so a run killed right after still continues with the
+        new seed and the right rollback count instead of replaying the seed that diverged.
+
+        Returns:
+            The metadata of the checkpoint rolled back to.
+        """
+        restored = (self.restore_on_all_workers(model, strategy) if strategy is not None
+                    else self.restore(model))
+        if restored is None:
+            raise IncompatibleCheckpointError(
+                f"Cannot roll back: the backup in {self.backup_dir} holds no checkpoint.")
+        for index, state in enumerate(seed_generator_states(model)):
+            state.assign(np.array([int(seed) + index, 0], dtype=state.dtype))
+        self.rollbacks += 1
+        self.seed = int(seed)
+        self.save(model)
+        return restored
+
     # === Callback ===
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start_step = self.global_step
+
+    def _save_from_callback(self, epoch):
+        if self.save() is None and self.guard is not None and not self.guard.diverged:
+            # A non-finite state the guard has not seen (e.g. in an optimizer slot or the
+            # buffer): report it as a divergence and stop, so the driver rolls back.
+            batch = (self.global_step - self._epoch_start_step) - 1
+            self.guard.diverged_at = (epoch, batch, {"non_finite_state": 1.0})
+            self.model.stop_training = True
 
     def on_train_batch_end(self, batch, logs=None):
         self.global_step = self._epoch_start_step + batch + 1
@@ -364,11 +499,11 @@ class StepBackup(keras.callbacks.Callback):
             return
         self._since_save += 1
         if self._since_save >= self.save_freq and self.global_step != self.last_saved_step:
-            self.save()
+            self._save_from_callback(self.epoch)
 
     def on_epoch_end(self, epoch, logs=None):
         if not self._blocked() and self.global_step != self.last_saved_step:
-            self.save()
+            self._save_from_callback(epoch)
 
 
 def fit_from_backup(model, dataset, backup, epochs, callbacks=(), **kwargs):
@@ -376,22 +511,39 @@ def fit_from_backup(model, dataset, backup, epochs, callbacks=(), **kwargs):
 
     A backup mid-epoch `e` at step `s` is continued by one `fit` over the remaining
     `steps_per_epoch - s` steps of epoch `e` (`initial_epoch=e`), then one over the following
-    epochs. The data stream is resumed by skipping the `global_step` batches already trained on
-    (`dataset` must be an infinite, deterministic `tf.data.Dataset`, as
-    `keras_jem.data.make_train_dataset` makes). Stops early when a callback stops training.
+    epochs. The data stream is resumed by skipping the `global_step` batches already trained on,
+    so `dataset` must be infinite and deterministic, as `keras_jem.data.make_train_dataset`
+    makes it.
+
+    Pass a function that builds the dataset rather than the dataset itself. A `tf.data`
+    pipeline that reshuffles or re-randomizes per iteration (`shuffle(...,
+    reshuffle_each_iteration=True)`, `Dataset.random(rerandomize_each_iteration=True)`, as in
+    `make_train_dataset`) draws *new* randomness for every iterator made from the same
+    `Dataset` object: the second `fit` of a resumed run would train on other batches than the
+    uninterrupted run (measured: different batches from the first one on). A fresh `Dataset`
+    per `fit` starts from the same randomness as the uninterrupted run's single iterator.
 
     Args:
         model: a compiled model whose state matches `backup` (call `backup.restore(model)`).
-        dataset: the training dataset (global batches).
+        dataset: a function returning the training dataset (global batches), or the dataset
+            itself (then only one `fit` call is guaranteed to see the uninterrupted run's
+            batches; a warning says when more are needed).
         backup: the run's `StepBackup` (its `steps_per_epoch` is required); it is added to the
             callbacks unless already there.
         epochs: total number of epochs of the run.
         callbacks: other callbacks.
         **kwargs: other `fit` arguments (`validation_data`, `verbose`, ...).
+
+    Example:
+
+    >>> make_dataset = lambda: keras_jem.data.make_train_dataset(x, y, seed=0)
+    >>> backup.restore(model)
+    >>> fit_from_backup(model, make_dataset, backup, epochs=200)
     """
     steps = backup.steps_per_epoch
     if not steps:
         raise ValueError("`fit_from_backup` needs a backup with `steps_per_epoch`.")
+    make_dataset = dataset if callable(dataset) else (lambda: dataset)
     callbacks = list(callbacks)
     if backup not in callbacks:
         callbacks.append(backup)
@@ -399,7 +551,13 @@ def fit_from_backup(model, dataset, backup, epochs, callbacks=(), **kwargs):
     model.stop_training = False
     while backup.epoch < epochs:
         epoch, step = backup.epoch, backup.step
-        data = dataset.skip(backup.global_step) if backup.global_step else dataset
+        if histories and not callable(dataset):
+            logger.warning("fit_from_backup runs a second `fit` on the same tf.data.Dataset "
+                           "object: a pipeline that reshuffles per iteration yields other "
+                           "batches than an uninterrupted run would. Pass a function that "
+                           "builds the dataset.")
+        source = make_dataset()
+        data = source.skip(backup.global_step) if backup.global_step else source
         if step:
             logger.info("resuming epoch %d at step %d", epoch + 1, step + 1)
         history = model.fit(

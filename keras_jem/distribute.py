@@ -71,6 +71,10 @@ def parse_tf_config(text=None):
         raise ClusterConfigError(f"Invalid TF_CONFIG: {message}. Expected e.g. {example}. "
                                  f"Received: {text}")
 
+    # The checks are the project's: TFConfigClusterResolver reads only the environment and
+    # checks nothing (bad JSON is a bare JSONDecodeError, a wrong index or a duplicate address
+    # a hang or a gRPC error at the first collective). The parsed cluster is TF's ClusterSpec,
+    # and a running strategy is asked through its own resolver (`worker_info`).
     try:
         config = json.loads(text)
     except json.JSONDecodeError as error:
@@ -112,22 +116,51 @@ def parse_tf_config(text=None):
              f"{len(cluster[task_type])} task(s)")
     if task_type == "evaluator":
         fail("the 'evaluator' task is not supported by trainers.fit")
-    chiefs = len(cluster.get("chief", []))
-    worker_index = task_index if task_type == "chief" else chiefs + task_index
+    import tensorflow as tf
+
+    # TensorFlow's own structure for the cluster (what TFConfigClusterResolver builds).
+    spec = tf.train.ClusterSpec({job: tasks for job, tasks in cluster.items()
+                                 if job != "evaluator"})
+    worker_index, num_workers = _position(spec, task_type, task_index)
     return {
-        "cluster": {job: list(tasks) for job, tasks in cluster.items() if job != "evaluator"},
+        "cluster": spec.as_dict(),
         "task_type": task_type,
         "task_index": task_index,
-        "num_workers": chiefs + len(cluster.get("worker", [])),
+        "num_workers": num_workers,
         "worker_index": worker_index,
         "is_chief": worker_index == 0,
     }
 
 
+def _position(spec, task_type, task_index):
+    """`(worker_index, num_workers)`: the chief first, then the workers, in a `ClusterSpec`."""
+    chiefs = spec.num_tasks("chief") if "chief" in spec.jobs else 0
+    workers = spec.num_tasks("worker") if "worker" in spec.jobs else 0
+    return (task_index if task_type == "chief" else chiefs + task_index), chiefs + workers
+
+
+def _strategy_resolver(strategy):
+    """The `TFConfigClusterResolver` a `MultiWorkerMirroredStrategy` runs with, else None."""
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    return strategy.cluster_resolver
+
+
 def worker_info(strategy=None):
-    """`(worker_index, num_workers, is_chief)` of this process (0, 1, True when single-worker)."""
-    if strategy is not None and not is_multi_worker(strategy):
-        return 0, 1, True
+    """`(worker_index, num_workers, is_chief)` of this process (0, 1, True when single-worker).
+
+    With a `MultiWorkerMirroredStrategy`, read from the cluster resolver the strategy runs with
+    (TensorFlow's parse of `TF_CONFIG`); without a strategy, from `parse_tf_config`.
+    """
+    if strategy is not None:
+        resolver = _strategy_resolver(strategy)
+        if resolver is None or resolver.task_type is None or not resolver.cluster_spec().jobs:
+            return 0, 1, True  # not multi-worker, or MultiWorkerMirroredStrategy on one machine
+        worker_index, num_workers = _position(resolver.cluster_spec(), resolver.task_type,
+                                              resolver.task_id)
+        return worker_index, num_workers, worker_index == 0
     info = parse_tf_config()
     if info is None:
         return 0, 1, True
@@ -221,7 +254,10 @@ def create_strategy(name="default", num_devices=None, tpu=None):
     if cluster is None:
         logger.warning("TF_CONFIG is not set: MultiWorkerMirroredStrategy runs on this machine "
                        "only. Set TF_CONFIG on every worker to train on several machines.")
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    # The resolver TensorFlow would pick by default, named so that `worker_info` and
+    # `is_multi_worker` read the very cluster the strategy runs on.
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=tf.distribute.cluster_resolver.TFConfigClusterResolver())
 
 
 def num_replicas(strategy=None):
@@ -233,12 +269,7 @@ def num_replicas(strategy=None):
 
 def is_multi_worker(strategy):
     """True for a `MultiWorkerMirroredStrategy` spanning more than one worker."""
-    import tensorflow as tf
-
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return False
-    info = parse_tf_config()
-    return info is not None and info["num_workers"] > 1
+    return _strategy_resolver(strategy) is not None and worker_info(strategy)[1] > 1
 
 
 def uses_cpu_replicas(strategy):

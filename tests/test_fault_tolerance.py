@@ -8,9 +8,9 @@ import sys
 import textwrap
 import time
 
-import h5py
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from keras_jem import checkpointing
@@ -62,6 +62,15 @@ class Positions(keras.callbacks.Callback):
 
 
 class TestStepBackup(testing.TestCase):
+    def saved_at_step(self, step):
+        """A tiny model and a backup holding one checkpoint of it at `step`."""
+        root = self.get_temp_dir()
+        model = tiny_model()
+        backup = checkpointing.StepBackup(root, steps_per_epoch=4)
+        backup.global_step = step
+        backup.save(model)
+        return root, model, backup
+
     def test_mid_epoch_backup_resumes_at_epoch_and_step(self):
         root = self.get_temp_dir()
         model = tiny_model()
@@ -110,42 +119,76 @@ class TestStepBackup(testing.TestCase):
         backup.restore(model)
         self.assertEqual(testing.to_numpy(model.seed_generator.state).tolist(), [7, 123])
 
-    def test_interrupted_save_keeps_the_previous_checkpoint(self):
-        root = self.get_temp_dir()
+    def test_checkpoint_holds_every_variable_and_restores_it_exactly(self):
+        # tf.train.Checkpoint(model=model) would miss the backbone's layers (kept in a list)
+        # and the SeedGenerator; the backup's checkpoint holds every weight, seed state and
+        # optimizer variable, each restored bit for bit.
         model = tiny_model()
-        backup = checkpointing.StepBackup(root, steps_per_epoch=4)
-        backup.global_step = 4
-        backup.save(model)
+        model.fit(tiny_dataset(), steps_per_epoch=2, epochs=1, verbose=0)
+        model.seed_generator.state.assign(np.array([5, 17], "int64"))
+        saved = state(model)
+        backup = checkpointing.StepBackup(self.get_temp_dir(), steps_per_epoch=4)
+        backup.global_step = 2
+        path = backup.save(model)
+        keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+        expected = len(model.weights) + 1 + len(model.optimizer.variables)
+        self.assertLen([k for k in keys if k.endswith("VARIABLE_VALUE")
+                        and not k.startswith("save_counter")], expected)
+        keras.backend.clear_session()
+        fresh = tiny_model()
+        self.assertFalse(all(np.array_equal(a, b) for a, b in
+                             zip(state(fresh)["weights"], saved["weights"])))
+        checkpointing.StepBackup(self.get_temp_dir(), steps_per_epoch=4).restore(fresh)
+        assert_same_state(state(fresh), saved)
+        self.assertLen(state(fresh)["weights"], len(saved["weights"]))
+        self.assertEqual(int(testing.to_numpy(fresh.optimizer.iterations)), 2)
+
+    def test_interrupted_save_keeps_the_previous_checkpoint(self):
+        root, model, backup = self.saved_at_step(4)
         good = state(model)
-        # A kill while writing step 8: a partial temporary file and no new metadata.
-        with open(os.path.join(root, "tmp-000000008.weights.h5"), "wb") as f:
-            f.write(b"\x89HDF\r\n partial")
+        # A kill while writing the next checkpoint: partial files, and the manager's
+        # `checkpoint` state file still names the previous one.
+        for name in ("ckpt-2.index", "ckpt-2.data-00000-of-00001"):
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"partial")
+        os.makedirs(os.path.join(root, "ckpt-2_temp"))
         model.buffer.images.assign(np.zeros(model.buffer.images.shape, "float32"))
         backup = checkpointing.StepBackup(root, steps_per_epoch=4)
         backup.restore(model)
         assert_same_state(state(model), good)
         self.assertEqual(backup.global_step, 4)
-        # The next save cleans the leftover up.
+        # The next save writes over the leftovers.
         backup.global_step = 6
         backup.save(model)
-        self.assertNotIn("tmp-000000008.weights.h5", os.listdir(root))
+        self.assertEqual([c["global_step"] for c in backup.checkpoints()], [6, 4])
+        checkpointing.StepBackup(root, steps_per_epoch=4).restore(model)
+        assert_same_state(state(model), good)
 
     def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(self):
-        root = self.get_temp_dir()
-        model = tiny_model()
-        backup = checkpointing.StepBackup(root, steps_per_epoch=4)
-        backup.global_step = 4
-        backup.save(model)
+        root, model, backup = self.saved_at_step(4)
         first = state(model)
         model.buffer.images.assign(np.zeros(model.buffer.images.shape, "float32"))
         backup.global_step = 8
-        backup.save(model)
-        with open(os.path.join(root, "ckpt-000000008.weights.h5"), "wb") as f:
+        latest = backup.save(model)
+        with open(latest + ".data-00000-of-00001", "wb") as f:
             f.write(b"garbage")
         backup = checkpointing.StepBackup(root, steps_per_epoch=4)
         backup.restore(model)
         self.assertEqual(backup.global_step, 4)
         assert_same_state(state(model), first)
+
+    def test_keep_bounds_the_number_of_checkpoints(self):
+        root = self.get_temp_dir()
+        model = tiny_model()
+        backup = checkpointing.StepBackup(root, steps_per_epoch=4, keep=3)
+        for step in range(1, 6):
+            backup.global_step = step
+            backup.save(model)
+        self.assertEqual([c["global_step"] for c in backup.checkpoints()], [5, 4, 3])
+        self.assertLen([f for f in os.listdir(root) if f.endswith(".index")], 3)
+        metadata = backup.read_metadata()
+        self.assertEqual(metadata["global_step"], 5)
+        self.assertEqual([c["global_step"] for c in metadata["checkpoints"]], [5, 4, 3])
 
     def test_incompatible_checkpoint_is_refused_before_loading(self):
         root = self.get_temp_dir()
@@ -158,6 +201,89 @@ class TestStepBackup(testing.TestCase):
                                     r"images \(128, 8, 8, 1\) in the model"):
             checkpointing.StepBackup(root, steps_per_epoch=4).restore(other)
         assert_same_state(state(other), before)
+
+    def test_backup_of_the_old_h5_format_is_refused_with_instructions(self):
+        root = self.get_temp_dir()
+        with open(os.path.join(root, "training_metadata.json"), "w") as f:
+            json.dump({"format": 1, "global_step": 8, "weights": "ckpt-000000008.weights.h5"}, f)
+        model = tiny_model()
+        before = state(model)
+        with self.assertRaisesRegex(checkpointing.IncompatibleCheckpointError,
+                                    "older keras-jem.*model.load_weights"):
+            checkpointing.StepBackup(root, steps_per_epoch=4).restore(model)
+        assert_same_state(state(model), before)
+
+    def test_non_finite_state_is_never_saved(self):
+        # A rollback to NaN weights would diverge again at once and burn every rollback.
+        root, model, backup = self.saved_at_step(4)
+        good = state(model)
+        slot = next(v for v in model.optimizer.variables
+                    if tuple(v.shape) == tuple(model.trainable_variables[0].shape))
+        for variable, value in ((model.trainable_variables[0], np.nan),
+                                (model.buffer.images, np.inf), (slot, -np.inf)):
+            before = testing.to_numpy(variable).copy()
+            planted = before.copy()
+            planted.flat[3] = value
+            variable.assign(planted)
+            backup.global_step = 6
+            self.assertIsNone(backup.save(model), variable.path)
+            self.assertEqual(backup.refused_at, 6)
+            self.assertEqual([c["global_step"] for c in backup.checkpoints()], [4])
+            self.assertEqual(backup.read_metadata()["global_step"], 4)
+            variable.assign(before)
+        model.trainable_variables[0].assign(np.full(model.trainable_variables[0].shape, np.nan,
+                                                    "float32"))
+        restored = checkpointing.StepBackup(root, steps_per_epoch=4)
+        restored.restore(model)
+        self.assertEqual(restored.global_step, 4)
+        assert_same_state(state(model), good)
+
+    def test_non_finite_state_during_fit_is_reported_as_a_divergence(self):
+        # NaN in an optimizer slot after a step whose loss was finite: the guard has seen
+        # nothing, the backup refuses to save, reports a divergence and stops training.
+        from keras_jem import callbacks
+
+        root = self.get_temp_dir()
+        model = tiny_model()
+        guard = callbacks.DivergenceGuard()
+        backup = checkpointing.StepBackup(root, save_freq=1, steps_per_epoch=4, guard=guard)
+
+        class Poison(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if batch == 2:
+                    slot = self.model.optimizer.variables[-1]
+                    slot.assign(np.full(slot.shape, np.nan, "float32"))
+
+        checkpointing.fit_from_backup(model, tiny_dataset(), backup, epochs=2, verbose=0,
+                                      callbacks=[guard, Poison(), backup])
+        self.assertTrue(guard.diverged)
+        self.assertEqual(guard.diverged_at[:2], (0, 2))
+        self.assertEqual(guard.diverged_at[2], {"non_finite_state": 1.0})
+        self.assertEqual(backup.refused_at, 3)
+        self.assertEqual(int(testing.to_numpy(model.optimizer.iterations)), 3)
+        self.assertEqual([c["global_step"] for c in backup.checkpoints()], [2, 1])
+
+    def test_rollback_seed_and_count_survive_a_restart(self):
+        root, model, backup = self.saved_at_step(4)
+        good = state(model)
+        # The run goes on, then diverges at step 7.
+        model.buffer.images.assign(np.zeros(model.buffer.images.shape, "float32"))
+        model.seed_generator.state.assign(np.array([1, 99], "int64"))
+        backup.global_step = 7
+        backup.rollback(model, seed=1001)
+        self.assertEqual((backup.global_step, backup.rollbacks, backup.seed), (4, 1, 1001))
+        self.assertEqual(testing.to_numpy(model.seed_generator.state).tolist(), [1001, 0])
+        good["seed"] = [1001, 0]
+        assert_same_state(state(model), good)
+        # Killed right after the rollback: a restarted run gets the new seed and the count.
+        keras.backend.clear_session()
+        fresh = tiny_model()
+        restarted = checkpointing.StepBackup(root, steps_per_epoch=4)
+        restarted.restore(fresh)
+        self.assertEqual((restarted.global_step, restarted.rollbacks, restarted.seed),
+                         (4, 1, 1001))
+        assert_same_state(state(fresh), good)
+        self.assertEqual(restarted.read_metadata()["rollbacks"], 1)
 
     def test_divergence_guard_blocks_saving(self):
         from keras_jem import callbacks
@@ -186,17 +312,20 @@ def cli(args, **kwargs):
     return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True, **kwargs)
 
 
-def h5_datasets(path):
-    values = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: values.__setitem__(name, obj[()])
-                     if isinstance(obj, h5py.Dataset) else None)
-    return values
+def checkpoint_lists(path):
+    """The `weights`, `seed_states` and `optimizer` lists of a backup checkpoint, read by TF."""
+    reader = tf.train.load_checkpoint(path)
+    lists = {"weights": [], "seed_states": [], "optimizer": []}
+    for name, values in lists.items():
+        while reader.has_tensor(key := f"{name}/{len(values)}/.ATTRIBUTES/VARIABLE_VALUE"):
+            values.append(reader.get_tensor(key))
+    return lists
 
 
 PROBE = textwrap.dedent("""
     import json, sys
     import keras
+    import numpy as np
     from trainers import fit
 
     class Probe(keras.callbacks.Callback):
@@ -204,7 +333,8 @@ PROBE = textwrap.dedent("""
             if getattr(self, "done", False):
                 return
             self.done = True
-            self.model.save_weights(sys.argv[1])
+            np.savez(sys.argv[1], *[v.numpy() for v in self.model.weights],
+                     *[v.numpy() for v in self.model.optimizer.variables])
             self.first = None
 
         def on_train_batch_begin(self, batch, logs=None):
@@ -249,12 +379,16 @@ def test_sigkill_mid_epoch_then_same_command_resumes_at_epoch_and_step(tmp_path)
             process.kill()
             process.wait()
     assert process.returncode == -signal.SIGKILL
-    killed_at = json.loads(metadata_path.read_text())
+    # The newest committed checkpoint, read from the checkpoints (training_metadata.json is
+    # written after the commit and may lag it by one checkpoint after a kill).
+    killed_at = checkpointing.StepBackup(str(model_dir / "backup"), steps_per_epoch=7,
+                                         worker_index=0).checkpoints()[0]
+    killed_at.update(zip(("epoch", "step"), divmod(killed_at["global_step"], 7)))
     assert killed_at["step"] > 0, killed_at
-    checkpoint = h5_datasets(model_dir / "backup" / killed_at["weights"])
+    checkpoint = checkpoint_lists(killed_at["path"])
 
     # The same command again (with a probe callback recording the state fit starts from).
-    probe_path = str(tmp_path / "probe.weights.h5")
+    probe_path = str(tmp_path / "probe.npz")
     resumed = cli(["-c", PROBE, probe_path, *args], stdout=subprocess.PIPE,
                   stderr=subprocess.STDOUT)
     try:
@@ -273,11 +407,12 @@ def test_sigkill_mid_epoch_then_same_command_resumes_at_epoch_and_step(tmp_path)
     # optimizer state and seeds.
     assert probe["first"] == [epoch, 0]  # first batch of the remaining-steps fit
     assert probe["iterations"] == killed_at["global_step"]
-    assert probe["seed"] == killed_at["checkpoints"][0]["seed_states"][0]
-    started = h5_datasets(probe_path)
-    assert sorted(started) == sorted(checkpoint)
-    for name, value in checkpoint.items():
-        np.testing.assert_array_equal(started[name], value, err_msg=name)
+    assert probe["seed"] == checkpoint["seed_states"][0].tolist()
+    started = list(np.load(probe_path).values())
+    saved = checkpoint["weights"] + checkpoint["optimizer"]
+    assert len(started) == len(saved) and len(checkpoint["weights"]) > 10
+    for index, (value, expected) in enumerate(zip(started, saved)):
+        np.testing.assert_array_equal(value, expected, err_msg=f"variable {index}")
     # ... and finishes: 14 steps in all, none repeated.
     final = json.loads(metadata_path.read_text())
     assert (final["epoch"], final["step"], final["global_step"]) == (2, 0, 14)
@@ -285,6 +420,21 @@ def test_sigkill_mid_epoch_then_same_command_resumes_at_epoch_and_step(tmp_path)
     assert (model_dir / "model.keras").exists()
     lines = (model_dir / "history.csv").read_text().splitlines()
     assert lines[0].startswith("epoch") and len(lines) >= 3
+
+    # Resume equivalence: the same command never interrupted ends with the same weights,
+    # buffer, optimizer state and seeds, so the resumed run trained on the same batches.
+    straight_dir = tmp_path / "straight"
+    assert fit.main(["--model_dir", str(straight_dir), *TINY]) == 0
+    ends = [checkpointing.StepBackup(str(d / "backup"), steps_per_epoch=7,
+                                     worker_index=0).checkpoints()[0]
+            for d in (model_dir, straight_dir)]
+    assert [e["global_step"] for e in ends] == [14, 14]
+    resumed_end, straight_end = (checkpoint_lists(e["path"]) for e in ends)
+    for name in ("weights", "seed_states", "optimizer"):
+        assert len(resumed_end[name]) == len(straight_end[name]) > 0
+        for index, (value, expected) in enumerate(zip(resumed_end[name], straight_end[name])):
+            np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{name} {index}")
 
 
 def test_backup_of_another_model_stops_before_training(tmp_path, capsys):
@@ -305,3 +455,30 @@ def test_backup_of_another_model_stops_before_training(tmp_path, capsys):
     assert "(200, 8, 8, 1) in the checkpoint" in error and "(300, 8, 8, 1) in the model" in error
     with open(os.path.join(model_dir, "history.csv")) as f:
         assert f.read() == history
+
+
+def test_restarted_run_keeps_the_rollback_count_and_does_not_replay_the_seed(tmp_path, capsys):
+    # Every step diverges. The first run rolls back once (seed 1001) and gives up; the same
+    # command with one more allowed rollback must count on from 1 and use seed 2001: replaying
+    # seed 1001 would repeat the run that diverged.
+    args = ["--model_dir", str(tmp_path / "run"), *TINY, "--epochs", "1",
+            "--divergence_threshold", "1e-6"]
+    config, _ = fit.resolve_config([*args, "--max_rollbacks", "1"])
+    with pytest.raises(RuntimeError, match="after 1 rollbacks"):
+        fit.run(config)
+    first = capsys.readouterr().out
+    assert "continuing with seed 1001 (rollback 1 of at most 1)" in first
+    backup = checkpointing.StepBackup(str(tmp_path / "run" / "backup"), steps_per_epoch=7,
+                                      worker_index=0)
+    newest = backup.checkpoints()[0]
+    assert (newest["rollbacks"], newest["seed"], newest["global_step"]) == (1, 1001, 0)
+    assert checkpoint_lists(newest["path"])["seed_states"][0].tolist() == [1001, 0]
+
+    config, _ = fit.resolve_config([*args, "--max_rollbacks", "2"])
+    with pytest.raises(RuntimeError, match="after 2 rollbacks"):
+        fit.run(config)
+    second = capsys.readouterr().out
+    assert "continuing with seed 2001 (rollback 2 of at most 2)" in second
+    assert "seed 1001" not in second
+    newest = backup.checkpoints()[0]
+    assert (newest["rollbacks"], newest["seed"]) == (2, 2001)

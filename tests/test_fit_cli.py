@@ -6,10 +6,10 @@ import subprocess
 import sys
 import time
 
-import h5py
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from trainers import fit
 from trainers import presets
@@ -137,11 +137,12 @@ def test_igebm_trains_conditional_and_unconditional(tmp_path, conditional):
     assert model.backbone.filters == (8, 16, 32)
 
 
-def _read_buffer(weights_path):
-    with h5py.File(weights_path, "r") as f:
-        found = []
-        f.visititems(lambda name, obj: found.append(obj[()]) if (
-            isinstance(obj, h5py.Dataset) and obj.ndim == 4 and obj.shape[0] == 200) else None)
+def _read_buffer(backup_dir):
+    """The replay buffer in the newest checkpoint of a `StepBackup` (read by TensorFlow)."""
+    reader = tf.train.load_checkpoint(backup_dir)
+    shapes = reader.get_variable_to_shape_map()
+    found = [reader.get_tensor(name) for name, shape in shapes.items()
+             if len(shape) == 4 and shape[0] == 200]
     assert len(found) == 1, "the backup must hold exactly one replay buffer"
     return found[0]
 
@@ -154,8 +155,7 @@ def test_train_resume_continues_from_saved_epoch_and_buffer(tmp_path):
     assert os.path.exists(os.path.join(model_dir, "samples", "epoch_001.png"))
     saved = json.load(open(os.path.join(model_dir, "config.json")))
     assert saved["num_steps"] == 2 and saved["image_shape"] == [8, 8, 1]
-    backup = os.path.join(model_dir, "backup", "latest.weights.h5")
-    saved_buffer = _read_buffer(backup)
+    saved_buffer = _read_buffer(os.path.join(model_dir, "backup"))
     assert json.load(open(os.path.join(model_dir, "backup", "training_metadata.json")))[
         "epoch"] == 1
 

@@ -559,11 +559,19 @@ def run(config):
     batch_size = config["batch_size"]
     px_batch_size = config["px_batch_size"] or batch_size
     augment = config["augment"] or info.augment
-    train_ds = data.make_train_dataset(
-        train_x, train_y, batch_size=batch_size, px_batch_size=px_batch_size,
-        augment=None if augment == "none" else augment, augment_px=config["augment_px"],
-        noise_scale=config["noise_scale"], seed=config["seed"],
-    )
+
+    def make_train_ds():
+        # A fresh pipeline per fit: one Dataset object draws new shuffles per iterator, and a
+        # resumed run must see the batches of an uninterrupted one (see fit_from_backup).
+        train_ds = data.make_train_dataset(
+            train_x, train_y, batch_size=batch_size, px_batch_size=px_batch_size,
+            augment=None if augment == "none" else augment, augment_px=config["augment_px"],
+            noise_scale=config["noise_scale"], seed=config["seed"],
+        )
+        if distribute.is_multi_worker(strategy):
+            train_ds = distribute.shard_by_data(train_ds)
+        return train_ds
+
     steps = config["steps_per_epoch"] or data.steps_per_epoch(
         len(train_x), max(batch_size, px_batch_size))
     test_ds = data.make_eval_dataset(test_x, test_y, batch_size=256,
@@ -573,8 +581,6 @@ def run(config):
         val_ds = data.make_eval_dataset(*validation, batch_size=256,
                                         noise_scale=config["test_noise_scale"], seed=0)
 
-    if distribute.is_multi_worker(strategy):
-        train_ds = distribute.shard_by_data(train_ds)
     model = build(config, info, train_x, train_y, steps, strategy=strategy)
     print(f"[trainers.fit] {config['model']} on {config['dataset']}: "
           f"{len(train_x)} training images, {steps} steps/epoch, {config['epochs']} epochs, "
@@ -594,7 +600,6 @@ def run(config):
                                       steps_per_epoch=steps, worker_index=0)
     history = {}
     seed = config["seed"]
-    rollbacks = 0
     start = time.time()
     with strategy.scope():
         try:
@@ -608,6 +613,7 @@ def run(config):
                 f"{config_path}): rerun with those settings to resume it, or use a new "
                 "--model_dir."
             ) from error
+        rollbacks = backup.rollbacks  # persisted: a restarted run keeps counting
         if restored is None:
             backup.save(model)  # step 0: what a divergence before the first backup rolls to
         else:
@@ -634,7 +640,7 @@ def run(config):
                     log_dir=os.path.join(model_dir, "logs")))
             callback_list += [factory(config, model) for factory in EXTRA_CALLBACKS]
             results = checkpointing.fit_from_backup(
-                model, train_ds, backup, config["epochs"], callbacks=callback_list,
+                model, make_train_ds, backup, config["epochs"], callbacks=callback_list,
                 validation_data=val_ds, verbose=verbose,
             )
             for result in results:
@@ -656,10 +662,9 @@ def run(config):
                   f"({_short(logs)}): rolling back to the last backup and continuing with seed "
                   f"{seed} (rollback {rollbacks} of at most {config['max_rollbacks']}).",
                   flush=True)
-            backup.restore_on_all_workers(model, strategy)
-            if getattr(model, "seed_generator", None) is not None:
-                state = model.seed_generator.state
-                state.assign(np.array([seed, 0], dtype=state.dtype))
+            # Restores the last backup on every worker, reseeds, and persists the new seed and
+            # rollback count at once (a restarted run must not replay the diverged seed).
+            backup.rollback(model, seed, strategy)
     wall_time = time.time() - start
 
     model.save(os.path.join(model_dir, "model.keras"))
