@@ -52,7 +52,7 @@ def _gradient(formula, weights):
         loss, terms = formula(variables)
     keys = list(variables)
     grads = tape.gradient(loss, [variables[k] for k in keys])
-    grads = {k: np.zeros_like(weights[k]) if g is None else g.numpy()
+    grads = {k: np.zeros_like(weights[k]) if g is None else tf.convert_to_tensor(g).numpy()
              for k, g in zip(keys, grads)}
     return float(loss), {k: float(v) for k, v in terms.items()}, grads
 
@@ -596,4 +596,83 @@ class IGEBMLossTest(KnownAnswerCase):
             "contrastive sign flipped": _update(_gradient(formula(sign=-1.0), weights)[2],
                                                 weights),
             "energy_l2 dropped": _update(_gradient(formula(l2=0.0), weights)[2], weights),
+        })
+
+
+class ConditionalLinearBackbone(keras.layers.Layer):
+    """`features = flatten(x) @ kernel + embedding[y]`: a class-conditional linear backbone."""
+
+    def __init__(self, num_classes, feature_dim=FEATURES, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.feature_dim = feature_dim
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(name="kernel", shape=(DIM, self.feature_dim))
+        self.embedding = self.add_weight(name="embedding",
+                                         shape=(self.num_classes, self.feature_dim))
+
+    def call(self, x, labels=None, training=None):
+        flat = keras.ops.reshape(x, (keras.ops.shape(x)[0], DIM))
+        return keras.ops.matmul(flat, self.kernel) + keras.ops.take(self.embedding, labels,
+                                                                    axis=0)
+
+
+class ConditionalIGEBMLossTest(KnownAnswerCase):
+    def test_labelled_stream_and_class_block_negatives(self):
+        rng = np.random.default_rng(19)
+        num_classes, step, l2 = 2, 0.3, 0.2
+        sampler = sampling.SGLD(num_steps=1, step_size=step, noise_scale=0.0,
+                                clip_range=(-1.0, 1.0))
+        model = keras_jem.IGEBM(ConditionalLinearBackbone(num_classes),
+                                sampler=testing.RecordingSampler(sampler), buffer_size=8,
+                                reinit_probability=0.0, energy_l2_weight=l2, seed=4)
+        model.build((None,) + SHAPE)
+        weights = {(DIM, FEATURES): rng.normal(0, 0.8, (DIM, FEATURES)),
+                   (num_classes, FEATURES): rng.normal(0, 1.0, (num_classes, FEATURES)),
+                   (FEATURES, 1): rng.normal(0, 0.8, (FEATURES, 1)), (1,): np.array([0.2])}
+        testing.assign_by_shape(model.trainable_variables, weights)
+        buffer = _images(rng, 8, -0.5, 0.5)
+        testing.set_buffer_images(model, buffer)
+        _compile(model)
+        x_ce, x_px = _images(rng, 4), _images(rng, 4) * 0.3 + 0.5
+        y = np.array([1, 0, 0, 1])
+        logs = model.train_on_batch({"images": x_ce, "px_images": x_px}, y, return_dict=True)
+
+        (call,) = model.sampler.calls
+        self.assertAllEqual(call["y"], y, "conditional negatives use the batch's labels")
+        rows = _rows_of(buffer)
+        for i, row in enumerate(_rows_of(call["start"])):
+            self.assertEqual(rows.index(row) // (len(buffer) // num_classes), y[i])
+        # E(x, y) = (x K + emb_y) v + b: grad_x E = K v for every label.
+        gradient = (weights[(DIM, FEATURES)] @ weights[(FEATURES, 1)]).reshape(SHAPE)
+        samples = np.clip(call["start"] - step * gradient, -1, 1)
+        self.assertAllClose(call["samples"], samples, atol=1e-5)
+
+        def formula(positives=x_ce, labels=y):
+            def energy(w, x, labels):
+                features = _flat(x) @ w[(DIM, FEATURES)] + tf.gather(
+                    w[(num_classes, FEATURES)], labels)
+                return tf.squeeze(features @ w[(FEATURES, 1)], -1) + w[(1,)][0]
+
+            def loss(w):
+                e_pos, e_neg = energy(w, positives, labels), energy(w, samples, y)
+                loss_ml = tf.reduce_mean(e_pos) - tf.reduce_mean(e_neg)
+                loss_l2 = tf.reduce_mean(e_pos ** 2) + tf.reduce_mean(e_neg ** 2)
+                total = loss_ml + l2 * loss_l2
+                return total, {"loss": total, "loss_ml": loss_ml, "loss_l2": loss_l2,
+                               "energy_data": tf.reduce_mean(e_pos),
+                               "energy_samples": tf.reduce_mean(e_neg)}
+
+            return loss
+
+        _, terms, grads = _gradient(formula(), weights)
+        self.assertLogs(logs, terms)
+        expected = _update(grads, weights)
+        self.assertUpdate(model, {k: np.float32(v) for k, v in weights.items()}, expected)
+        self.assertSensitive(expected, {
+            "positives from px_images": _update(_gradient(formula(positives=x_px), weights)[2],
+                                                weights),
+            "positives with other labels": _update(
+                _gradient(formula(labels=1 - y), weights)[2], weights),
         })
