@@ -168,3 +168,50 @@ class MixedPrecisionTest(testing.TestCase):
     def test_float16_decay_part(self):
         # Known bug at the time of writing: the decay is 2^15 times too small.
         self._check_decay_part("mixed_float16")
+
+
+# === Longer runs (--run_large) ===
+
+LARGE_STEPS = 20
+# Measured with the weight-decay fix applied: 0.0091 (bfloat16) and 0.0050 (float16).
+LARGE_TOLERANCE = {"mixed_bfloat16": 0.05, "mixed_float16": 0.02}
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_sadajem_twenty_steps_close_to_float32(policy):
+    """SADA-JEM (BatchNorm in the sampler, ASAM, weight decay) over 20 steps vs float32."""
+    keras.utils.set_random_seed(5)
+    x, y = testing.load_digits(num_examples=16 * LARGE_STEPS)
+
+    def run(name, weights=None):
+        keras.mixed_precision.set_global_policy(name)
+        try:
+            model = keras_jem.SADAJEM(
+                SmallCNN(filters=(8,), feature_dim=16, norm="batch"), 10,
+                sampler=keras_jem.sampling.SGLD(2, 1.0, 0.0, gradient_clip=1.0,
+                                                clip_range=(-1.0, 1.0)),
+                buffer_init="uniform", buffer_size=32, reinit_probability=0.0,
+                weight_decay=WEIGHT_DECAY, seed=0)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        model.build((None, 8, 8, 1))
+        model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), jit_compile=False)
+        if weights is not None:
+            model.set_weights(weights)
+        start = model.get_weights()
+        before = [testing.to_numpy(v).copy() for v in model.trainable_variables]
+        losses = [float(model.train_on_batch(x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)],
+                                             return_dict=True)["loss"])
+                  for i in range(LARGE_STEPS)]
+        change = [testing.to_numpy(v) - b for v, b in zip(model.trainable_variables, before)]
+        return start, losses, change
+
+    weights, ref_losses, ref_change = run("float32")
+    _, losses, change = run(policy, weights)
+    tolerance = LARGE_TOLERANCE[policy]
+    print(policy, "max loss relative error",
+          float(np.max(np.abs(np.subtract(losses, ref_losses)) / np.abs(ref_losses))),
+          "weight change relative error", _relative(change, ref_change))
+    np.testing.assert_allclose(losses, ref_losses, rtol=tolerance)
+    assert _relative(change, ref_change) < tolerance, _relative(change, ref_change)
