@@ -180,3 +180,91 @@ def run_in_subprocess(code, timeout=240):
             f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-6000:]}"
         )
     return result.stdout
+
+
+# === Known-answer helpers (tests/test_loss_terms.py, test_generation_known.py, ...) ===
+
+
+@keras.saving.register_keras_serializable(package="keras_jem_tests")
+class LinearBackbone(keras.layers.Layer):
+    """`features = flatten(x) @ kernel + bias`: a backbone whose every gradient is known by hand.
+
+    Its stem is the flattening (affine), so `ProximalSGLD` takes its one-gradient path.
+    """
+
+    stem_is_affine = True
+
+    def __init__(self, feature_dim=3, **kwargs):
+        super().__init__(**kwargs)
+        self.feature_dim = int(feature_dim)
+
+    def build(self, input_shape):
+        dim = int(np.prod(input_shape[1:]))
+        self.kernel = self.add_weight(name="kernel", shape=(dim, self.feature_dim),
+                                      initializer="glorot_uniform")
+        self.bias = self.add_weight(name="bias", shape=(self.feature_dim,),
+                                    initializer="zeros")
+
+    def stem(self, x):
+        return keras.ops.reshape(x, (keras.ops.shape(x)[0], -1))
+
+    def call_from_stem(self, h, training=False):
+        return keras.ops.matmul(h, self.kernel) + self.bias
+
+    def call(self, x, training=None):
+        return self.call_from_stem(self.stem(x), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config["feature_dim"] = self.feature_dim
+        return config
+
+
+class RecordingSampler(keras_jem.sampling.Sampler):
+    """Wraps a sampler and records every call's start, labels and samples (eager mode only).
+
+    Compile the model with `run_eagerly=True`; each call appends a dict of numpy arrays
+    (`start`, `y` or None, `samples`, `training`) to `calls`.
+    """
+
+    def __init__(self, sampler):
+        super().__init__(num_steps=sampler.num_steps)
+        self.sampler = sampler
+        self.calls = []
+
+    def __call__(self, target, x, y=None, seed=None, training=False, num_steps=None):
+        samples = self.sampler(target, x, y=y, seed=seed, training=training,
+                               num_steps=num_steps)
+        if not tf.executing_eagerly():
+            raise RuntimeError("RecordingSampler needs eager execution: compile the model with "
+                               "run_eagerly=True.")
+        self.calls.append({
+            "start": to_numpy(x), "y": None if y is None else to_numpy(y),
+            "samples": to_numpy(samples), "training": bool(training),
+        })
+        return samples
+
+    def get_config(self):
+        return self.sampler.get_config()
+
+
+def set_buffer_images(model, images):
+    """Overwrites every chain of `model`'s replay buffer with `images` `(buffer_size, h, w, c)`."""
+    model.buffer.images.assign(np.asarray(images, np.float32))
+
+
+def assign_by_shape(variables, values):
+    """Assigns `values` (a dict shape -> array) to `variables`, each shape used exactly once.
+
+    Lets a test hand-set a tiny model's weights without depending on variable names.
+    """
+    shapes = [tuple(v.shape) for v in variables]
+    if sorted(shapes) != sorted(values) or len(set(shapes)) != len(shapes):
+        raise ValueError(f"Variables of shapes {shapes} do not match the values' {list(values)}.")
+    for variable in variables:
+        variable.assign(np.asarray(values[tuple(variable.shape)], np.float32))
+
+
+def values_by_shape(variables):
+    """`{shape: numpy value}` of `variables` (shapes must be distinct)."""
+    return {tuple(v.shape): to_numpy(v).copy() for v in variables}
