@@ -20,10 +20,15 @@ TINY = [
 ]
 
 
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def run_cli(args, timeout=600):
     return subprocess.run(
         [sys.executable, "-m", "trainers.fit", *args], capture_output=True, text=True,
-        timeout=timeout, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        timeout=timeout, check=False, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
 
 
@@ -111,7 +116,7 @@ def test_gmmc_joint_switches_to_the_generative_loss(tmp_path):
     ])
     metrics = fit.run(config)
     assert 0 <= metrics["test_accuracy"] <= 1
-    history = json.load(open(os.path.join(model_dir, "history.json")))
+    history = _read_json(os.path.join(model_dir, "history.json"))
     assert history["generative"] == [0.0, 1.0]
     assert history["energy_samples"][0] == 0.0 and history["energy_samples"][1] != 0.0
     assert os.path.exists(os.path.join(model_dir, "samples", "epoch_002.png"))
@@ -152,11 +157,11 @@ def test_train_resume_continues_from_saved_epoch_and_buffer(tmp_path):
     first = fit.run(config)
     assert os.path.exists(os.path.join(model_dir, "model.keras"))
     assert os.path.exists(os.path.join(model_dir, "samples", "epoch_001.png"))
-    saved = json.load(open(os.path.join(model_dir, "config.json")))
+    saved = _read_json(os.path.join(model_dir, "config.json"))
     assert saved["num_steps"] == 2 and saved["image_shape"] == [8, 8, 1]
     backup = os.path.join(model_dir, "backup", "latest.weights.h5")
     saved_buffer = _read_buffer(backup)
-    assert json.load(open(os.path.join(model_dir, "backup", "training_metadata.json")))[
+    assert _read_json(os.path.join(model_dir, "backup", "training_metadata.json"))[
         "epoch"] == 1
 
     seen = {}
@@ -179,7 +184,8 @@ def test_train_resume_continues_from_saved_epoch_and_buffer(tmp_path):
     assert seen["epochs"] == [1], "the resumed run must start at the saved epoch"
     np.testing.assert_array_equal(seen["buffer"], saved_buffer)
     assert second["epochs"] == 2 and first["epochs"] == 1
-    history = open(os.path.join(model_dir, "history.csv")).read().splitlines()
+    with open(os.path.join(model_dir, "history.csv")) as f:
+        history = f.read().splitlines()
     assert len(history) == 3  # header + one line per epoch, over both runs
 
 
