@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import time
+import types
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -240,13 +241,6 @@ def build(config, info, train_images=None, train_labels=None, steps_per_epoch=1,
     return model
 
 
-class _Run:
-    """What `setup` prepares for `train` and `finish`: strategy, directories, data, model."""
-
-    def __init__(self, **kwargs):
-        self.__dict__.update(kwargs)
-
-
 def run(config):
     """Trains with `config` (a resolved, validated dict); returns the metrics dict."""
     state = setup(config)
@@ -307,9 +301,11 @@ def setup(config):
     print(f"[trainers.fit] {config['model']} on {config['dataset']}: "
           f"{len(train_x)} training images, {steps} steps/epoch, {config['epochs']} epochs, "
           f"{model.count_params():,} parameters; run directory {model_dir}", flush=True)
-    return _Run(config=config, strategy=strategy, model=model, model_dir=model_dir,
-                config_path=config_path, previous_config=previous_config, train_ds=train_ds,
-                val_ds=val_ds, test_ds=test_ds, steps=steps)
+    # What `train` and `finish` need.
+    return types.SimpleNamespace(
+        config=config, strategy=strategy, model=model, model_dir=model_dir,
+        config_path=config_path, previous_config=previous_config, train_ds=train_ds,
+        val_ds=val_ds, test_ds=test_ds, steps=steps)
 
 
 def _write_json(path, value):
