@@ -562,7 +562,9 @@ def fit_from_backup(model, dataset, backup, epochs, callbacks=(), **kwargs):
             logger.info("resuming epoch %d at step %d", epoch + 1, step + 1)
         history = model.fit(
             data, initial_epoch=epoch, epochs=epoch + 1 if step else epochs,
-            steps_per_epoch=steps - step, callbacks=callbacks, **kwargs,
+            steps_per_epoch=steps - step, callbacks=callbacks,
+            # The pipeline shuffles itself; Keras' default shuffle=True only warns on tf.data.
+            shuffle=False, **kwargs,
         )
         histories.append(history)
         if model.stop_training or backup.global_step == (epoch * steps + step):

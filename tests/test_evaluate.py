@@ -127,6 +127,46 @@ def test_failing_task_keeps_the_others(digits_model_dir, tmp_path, monkeypatch):
     assert "score exploded" in report
 
 
+def test_generation_leaves_batchnorm_statistics_alone(tmp_path):
+    # JEM++ samples with BatchNorm in training mode: each sampler pass would move the moving
+    # statistics towards its batches before the buffer is classified.
+    from keras_jem.models import JEMPP
+    from trainers.evaluation import context as context_lib
+    from trainers.evaluation import generation
+
+    keras.utils.set_random_seed(0)
+    images, labels = testing.load_digits("train", num_examples=200)
+    model = testing.make_model(
+        cls=JEMPP, backbone=testing.small_cnn(filters=(8,), feature_dim=16, norm="batch"),
+        buffer_size=100, adapt=(images, labels))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.fit(images, labels, batch_size=50, epochs=1, verbose=0)
+    model_dir = _save_model_dir(tmp_path / "jempp", model, "digits", (8, 8, 1))
+    args = evaluate._validate_args(evaluate.build_parser().parse_args(
+        ["--model_dir", model_dir, "--output_dir", str(tmp_path / "eval"), *FAST,
+         "--tasks", "generation"]))
+    context = context_lib.prepare(args)
+    model = context.model
+    assert model.sample_in_training_mode
+    statistics = {v.path: keras.ops.convert_to_numpy(v) for v in model.non_trainable_variables
+                  if "moving" in v.path}
+    assert len(statistics) >= 2, sorted(v.path for v in model.non_trainable_variables)
+    buffer = keras.ops.convert_to_numpy(model.buffer.images)
+    before = np.asarray(model.predict(buffer, batch_size=50, verbose=0))
+
+    task = generation.task(context)
+
+    assert task["status"] == "ok", task
+    for variable in model.non_trainable_variables:
+        if variable.path in statistics:
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable),
+                                          statistics[variable.path], err_msg=variable.path)
+    after = np.asarray(model.predict(buffer, batch_size=50, verbose=0))
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+    counts = task["results"]["replay_buffer"]["predicted_class_counts"]
+    assert counts == np.bincount(before.argmax(1), minlength=10).tolist()
+
+
 def test_generation_scores_buffer_and_fresh_samples(digits_model_dir, tmp_path, monkeypatch):
     # Any file with a Keras InceptionV3 weights name passes the weights check; the extractor
     # itself is replaced by a tiny one (InceptionV3 is too slow for the default suite).

@@ -1,5 +1,6 @@
 """End-to-end tests of `python -m trainers.fit` on tiny settings."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -20,10 +21,15 @@ TINY = [
 ]
 
 
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def run_cli(args, timeout=600):
     return subprocess.run(
         [sys.executable, "-m", "trainers.fit", *args], capture_output=True, text=True,
-        timeout=timeout, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        timeout=timeout, check=False, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
 
 
@@ -32,21 +38,22 @@ def run_cli(args, timeout=600):
     [
         (["--model", "nope"], "invalid choice: 'nope'"),
         (["--dataset", "mnist"], "invalid choice: 'mnist'"),
-        (["--step_size", "-1"], "--step_size must be non-negative. Received: -1.0"),
+        (["--step_size", "-1"], "`step_size` must be a non-negative number. Received: step_size=-1.0"),
         (["--buffer_size", "32", "--batch_size", "64"], "smaller than the batch"),
-        (["--conditional_sampling", "--buffer_size", "1005"], "not divisible by 10"),
-        (["--norm", "weird"], "--norm must be one of"),
+        (["--conditional_sampling", "--buffer_size", "1005"], "not divisible by num_classes=10"),
+        (["--norm", "weird"], "Unknown `norm`: 'weird'"),
         (["--decay_epochs", "a,b"], "comma-separated integers"),
         (["--model", "jem", "--mode", "gen"], "--mode only applies to --model gmmc"),
         (["--model", "gmmc", "--sn_filters", "32"], "--sn_filters only applies to --model igebm"),
-        (["--model", "gmmc", "--mode", "both"], "--mode must be one of discriminative, generative"),
-        (["--model", "gmmc", "--center_scale", "0"], "--center_scale must be positive"),
-        (["--model", "gmmc", "--mode", "gen", "--buffer_size", "505"], "not divisible by 10"),
+        (["--model", "gmmc", "--mode", "both"], "Unknown GMMC `mode` 'both'"),
+        (["--model", "gmmc", "--center_scale", "0"], "`center_scale` (the norm of the class"),
+        (["--model", "gmmc", "--mode", "gen", "--buffer_size", "505"],
+         "not divisible by num_classes=10"),
         (["--model", "gmmc", "--backbone", "wrn", "--depth", "10", "--width", "0"],
-         "--width must be positive"),
+         "`width` must be a positive integer"),
         (["--model", "igebm", "--sn_filters", "32,x"], "--sn_filters must be a positive width"),
-        (["--model", "igebm", "--sn_pooling", "max"], "--sn_pooling must be sum or mean"),
-        (["--model", "igebm", "--buffer_size", "1001"], "not divisible by 10"),
+        (["--model", "igebm", "--sn_pooling", "max"], "Unknown `pooling`: 'max'"),
+        (["--model", "igebm", "--buffer_size", "1001"], "is not a multiple of 10"),
     ],
 )
 def test_bad_flags_stop_before_any_work(tmp_path, args, expected, capsys):
@@ -64,7 +71,8 @@ def test_bad_flags_stop_before_any_work(tmp_path, args, expected, capsys):
 def test_bad_flag_from_the_shell(tmp_path):
     result = run_cli(["--model_dir", str(tmp_path / "run"), "--reinit_probability", "2"])
     assert result.returncode == 2
-    assert "--reinit_probability must be in [0, 1]. Received: 2.0" in result.stderr
+    assert "`reinit_probability` must be in [0, 1]. Received: reinit_probability=2.0" in (
+        result.stderr)
 
 
 def test_presets_resolve_paper_settings():
@@ -103,6 +111,67 @@ def test_gmmc_and_igebm_presets_follow_mode_and_dataset():
                                                                                  "128,256,256")
 
 
+def test_presets_are_constructor_arguments():
+    from trainers import factory
+
+    config = presets.resolve("sadajem", "digits", {"num_steps": 3})
+    nested = presets.sections(config)
+    assert nested["sam"] == {"rho": 0.5, "adaptive": True}
+    assert nested["sampler"] == {"name": "sgld", "num_steps": 3, "inner_steps": 5,
+                                 "step_size": 1.0, "noise_scale": 0.0, "gradient_clip": 1.0,
+                                 "clip_range": (-1.0, 1.0)}
+    # GMMC's and IGEBM's settings stay out of a SADA-JEM's arguments.
+    assert "mode" not in nested["model"] and "filters" not in nested["backbone"]
+    model = factory.build_model(config, num_classes=10)
+    assert (model.sam.rho, model.sam.adaptive) == (0.5, True)
+    assert (model.sampler.num_steps, model.sampler.clip_range) == (3, (-1.0, 1.0))
+    assert model.buffer_size == 2000 and model.energy_l2_weight == 0.1
+    assert model.backbone.get_config()["norm"] == "batch"
+
+
+def test_constructor_defaults_are_not_repeated_in_the_presets(monkeypatch):
+    from keras_jem import sampling
+
+    # A default a constructor owns comes from its signature: change it there, the flag follows.
+    signature = inspect.signature(sampling.ProximalSGLD)
+    changed = signature.replace(parameters=[
+        p.replace(default=7) if p.name == "inner_steps" else p
+        for p in signature.parameters.values()])
+    monkeypatch.setattr(sampling.ProximalSGLD, "__signature__", changed, raising=False)
+    assert presets.resolve("jem", "digits")["inner_steps"] == 7
+    assert presets.resolve("jempp", "digits")["inner_steps"] == 5  # JEM++'s own preset
+    for name, flag in presets.FLAGS.items():
+        if flag.source:
+            assert flag.key not in presets.COMMON.get(flag.section, {}), name
+
+
+def test_flat_presets_in_the_older_format_still_resolve(monkeypatch):
+    nested = {"run": {"epochs": 3}, "model": {"buffer_size": 500},
+              "sampler": {"num_steps": 7, "clip_range": (-1.0, 1.0)},
+              "backbone": {"norm": "batch"}}
+    flat = {"epochs": 3, "buffer_size": 500, "num_steps": 7, "clip_samples": True,
+            "norm": "batch"}
+    monkeypatch.setitem(presets.DATASET_FAMILIES, "toy", "toy")
+    monkeypatch.setitem(presets.PRESETS["jem"], "toy", nested)
+    from_nested = presets.resolve("jem", "toy")
+    monkeypatch.setitem(presets.PRESETS["jem"], "toy", flat)
+    assert presets.resolve("jem", "toy") == from_nested
+    assert (from_nested["epochs"], from_nested["clip_samples"], from_nested["norm"]) == (
+        3, True, "batch")
+    monkeypatch.setitem(presets.PRESETS["jem"], "toy", {"sampler": {"num_stepz": 1}})
+    with pytest.raises(ValueError, match="has no setting 'num_stepz'"):
+        presets.resolve("jem", "toy")
+
+
+def test_help_shows_the_chosen_models_presets(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        fit.main(["--model", "sadajem", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "SAM radius (0: no SAM) (preset: 0.5)" in text
+    assert "sampler steps per training iteration (preset: 5)" in text
+
+
 def test_gmmc_joint_switches_to_the_generative_loss(tmp_path):
     model_dir = str(tmp_path / "gmmc")
     config, _ = fit.resolve_config([
@@ -111,7 +180,7 @@ def test_gmmc_joint_switches_to_the_generative_loss(tmp_path):
     ])
     metrics = fit.run(config)
     assert 0 <= metrics["test_accuracy"] <= 1
-    history = json.load(open(os.path.join(model_dir, "history.json")))
+    history = _read_json(os.path.join(model_dir, "history.json"))
     assert history["generative"] == [0.0, 1.0]
     assert history["energy_samples"][0] == 0.0 and history["energy_samples"][1] != 0.0
     assert os.path.exists(os.path.join(model_dir, "samples", "epoch_002.png"))
@@ -153,10 +222,10 @@ def test_train_resume_continues_from_saved_epoch_and_buffer(tmp_path):
     first = fit.run(config)
     assert os.path.exists(os.path.join(model_dir, "model.keras"))
     assert os.path.exists(os.path.join(model_dir, "samples", "epoch_001.png"))
-    saved = json.load(open(os.path.join(model_dir, "config.json")))
+    saved = _read_json(os.path.join(model_dir, "config.json"))
     assert saved["num_steps"] == 2 and saved["image_shape"] == [8, 8, 1]
     saved_buffer = _read_buffer(os.path.join(model_dir, "backup"))
-    assert json.load(open(os.path.join(model_dir, "backup", "training_metadata.json")))[
+    assert _read_json(os.path.join(model_dir, "backup", "training_metadata.json"))[
         "epoch"] == 1
 
     seen = {}
@@ -179,7 +248,8 @@ def test_train_resume_continues_from_saved_epoch_and_buffer(tmp_path):
     assert seen["epochs"] == [1], "the resumed run must start at the saved epoch"
     np.testing.assert_array_equal(seen["buffer"], saved_buffer)
     assert second["epochs"] == 2 and first["epochs"] == 1
-    history = open(os.path.join(model_dir, "history.csv")).read().splitlines()
+    with open(os.path.join(model_dir, "history.csv")) as f:
+        history = f.read().splitlines()
     assert len(history) == 3  # header + one line per epoch, over both runs
 
 

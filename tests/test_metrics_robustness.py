@@ -114,6 +114,55 @@ def test_refined_logits_are_differentiable(digits_classifier):
     assert curve["refinement"]["num_steps"] == 1 and curve["refinement"]["init_noise"] == 0.03
 
 
+def _linear_logits(matrix):
+    """logits = flatten(x) @ A^T for a fixed A (num_classes, features)."""
+    a = tf.constant(matrix, tf.float32)
+    return lambda x: tf.matmul(tf.reshape(x, [tf.shape(x)[0], -1]), a, transpose_b=True)
+
+
+@pytest.mark.parametrize("gradient", ["straight_through", "exact"])
+def test_refinement_gradient_matches_the_formula(gradient):
+    # One noiseless step r = x + s * A^T p, p = softmax(A x), attacked through L = c . (A r).
+    # JEM's attack_model.py adds the step with `x.data += ...`: dL/dx = A^T c ("straight_through").
+    # Through the step: dL/dx = A^T c + s * A^T (diag(p) - p p^T) A A^T c ("exact").
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 4))
+    x = rng.normal(size=(1, 2, 2, 1))
+    c = rng.normal(size=3)
+    step = 0.7
+    logits_fn = _linear_logits(a)
+    images = tf.constant(x, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        refined = metrics.sgld_refine(logits_fn, images, num_steps=1, step_size=step,
+                                      noise_scale=0.0, gradient=gradient)
+        objective = tf.reduce_sum(logits_fn(refined) * tf.constant(c, tf.float32))
+    got = tape.gradient(objective, images).numpy().reshape(-1)
+
+    flat = x.reshape(-1)
+    z = a @ flat
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    np.testing.assert_allclose(refined.numpy().reshape(-1), flat + step * a.T @ p, rtol=1e-5)
+    expected = a.T @ c
+    if gradient == "exact":
+        expected = expected + step * a.T @ (np.diag(p) - np.outer(p, p)) @ a @ a.T @ c
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    # The two differ here, so each assertion tells the modes apart.
+    assert np.abs(step * a.T @ (np.diag(p) - np.outer(p, p)) @ a @ a.T @ c).max() > 1e-2
+
+
+def test_refinement_gradient_is_checked_and_reported():
+    with pytest.raises(ValueError, match="straight_through"):
+        metrics.RefinedLogits(lambda x: x, num_steps=1, gradient="stop")
+    logits_fn = _linear_logits(np.eye(2, 4))
+    images = np.zeros((2, 2, 2, 1), np.float32)
+    default = metrics.robust_accuracy_curve(logits_fn, images, [0, 1], [0.0], refine_steps=1)
+    assert default["refinement"]["gradient"] == "straight_through"
+    exact = metrics.robust_accuracy_curve(logits_fn, images, [0, 1], [0.0], refine_steps=1,
+                                          refine_gradient="exact")
+    assert exact["refinement"]["gradient"] == "exact"
+
+
 def test_curve_json_and_plot(tmp_path, digits_classifier):
     model, images, labels = digits_classifier
     curve = metrics.robust_accuracy_curve(model, images[:30], labels[:30], [0, 4 / 255],

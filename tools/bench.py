@@ -59,10 +59,24 @@ RESULT_PREFIX = "BENCH_RESULT "
 MODELS = ("jem", "jempp", "sadajem", "gmmc", "igebm", "softmax", "torch_jem")
 DEFAULT_MODELS = ("jem", "jempp", "sadajem", "gmmc", "igebm", "softmax")
 BACKBONES = ("wrn-16-2", "wrn-28-10", "wrn-16-8", "small_cnn", "sn_resnet")
-# Default sampler steps (K; JEM++: outer steps M) per model, as in the papers.
-DEFAULT_STEPS = {"jem": 20, "jempp": 10, "sadajem": 5, "gmmc": 20, "igebm": 60, "torch_jem": 20}
-# Normalisation of the backbone per model for `--norm auto` (the papers' choices).
-AUTO_NORM = {"jempp": "batch", "sadajem": "batch"}
+# Models are built by the trainers' factory from their CIFAR-10 presets (`trainers/presets.py`:
+# sampler, buffer, SAM, norm), with these bench choices on top so that timings stay comparable
+# run to run: no weight decay, GMMC with its generative loss from the first step, PyTorch's JEM
+# and the softmax reference on JEM's settings.
+PRESET_DATASET = "cifar10"
+PRESET_OF = {"torch_jem": "jem", "softmax": "jem"}
+
+
+def trainer_config(model, num_steps=None, buffer_size=None, norm="auto"):
+    """The trainers' resolved config of `model` with the bench's overrides."""
+    from trainers import presets
+
+    name = PRESET_OF.get(model, model)
+    overrides = {"weight_decay": 0.0, "seed": 0, "num_steps": num_steps,
+                 "buffer_size": buffer_size, "norm": None if norm == "auto" else norm}
+    if name == "gmmc":
+        overrides["mode"] = "generative"
+    return presets.resolve(name, PRESET_DATASET, overrides)
 
 
 # === Configurations ===
@@ -84,8 +98,8 @@ def parse_args(argv=None):
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--num_classes", type=int, default=10)
     parser.add_argument("--num_steps", type=int, default=None,
-                        help="sampler steps K (JEM++: outer steps M); default per model: "
-                             + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()))
+                        help="sampler steps K (JEM++: outer steps M); default: the model's "
+                             "CIFAR-10 preset (trainers/presets.py)")
     parser.add_argument("--jit_compile", default="both", choices=("on", "off", "both"))
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
@@ -98,8 +112,9 @@ def parse_args(argv=None):
     parser.add_argument("--mixed_precision", default=None,
                         choices=("mixed_float16", "mixed_bfloat16"))
     parser.add_argument("--norm", default="auto",
-                        help="backbone normalisation: auto (JEM++/SADA-JEM batch, others none), "
-                             "none, batch, group, instance, layer")
+                        help="backbone normalisation: auto (the model's CIFAR-10 preset: "
+                             "JEM++/SADA-JEM batch, others none), none, batch, group, instance, "
+                             "layer")
     parser.add_argument("--streams", default="one", choices=("one", "two"),
                         help="one: (x, y) batches (the likelihood term reuses x); two: "
                              "{'images', 'px_images'} batches (separate likelihood batch, as "
@@ -170,10 +185,8 @@ def expand_configs(args):
     configs = []
     for backbone in backbones:
         for model in models:
+            preset = trainer_config(model, args.num_steps, args.buffer_size, args.norm.lower())
             for jit in jits if model != "torch_jem" else [None]:
-                norm = args.norm.lower()
-                if norm == "auto":
-                    norm = AUTO_NORM.get(model, "none")
                 configs.append({
                     "model": model,
                     "backbone": backbone,
@@ -181,15 +194,14 @@ def expand_configs(args):
                     "image_size": args.image_size,
                     "channels": args.channels,
                     "num_classes": args.num_classes,
-                    "num_steps": (None if model == "softmax"
-                                  else args.num_steps or DEFAULT_STEPS[model]),
+                    "num_steps": None if model == "softmax" else preset["num_steps"],
                     "jit_compile": jit,
                     "iterations": args.iterations,
                     "warmup": args.warmup,
                     "ref_iterations": args.ref_iterations or min(args.iterations, 3),
                     "strategy": args.strategy,
                     "mixed_precision": args.mixed_precision,
-                    "norm": norm,
+                    "norm": preset["norm"],
                     "streams": args.streams,
                     "buffer_size": args.buffer_size,
                     "learning_rate": args.learning_rate,
@@ -253,28 +265,13 @@ def _to_numpy(tree):
             value.numpy()
 
 
-def _model_class(name):
-    import keras_jem
-
-    cls = getattr(keras_jem, name, None)
-    if cls is None:
-        raise _NotAvailable(
-            f"keras_jem.{name} does not exist yet (its module is not exported by keras_jem)"
-        )
-    return cls
-
-
-class _NotAvailable(Exception):
-    pass
-
-
 def build_model(config, strategy):
     """The model of `config`, built and compiled under `strategy`."""
     import keras
     import numpy as np
 
-    import keras_jem
     from keras_jem import backbones
+    from trainers import factory
 
     name = config["model"]
     norm = None if config["norm"] == "none" else config["norm"]
@@ -283,25 +280,15 @@ def build_model(config, strategy):
     with strategy.scope():
         kwargs = {} if norm is None else {"norm": norm}
         backbone = backbones.get(config["backbone"], **kwargs)
-        common = dict(buffer_size=config["buffer_size"], seed=0)
         if name == "softmax":
             model = keras.Sequential(
                 [keras.Input(image_shape), backbone,
                  backbones.TorchDense(num_classes, name="class_head")], name="softmax")
-        elif name == "jem":
-            model = keras_jem.JEM(backbone, num_classes, **common)
-        elif name == "jempp":
-            model = keras_jem.JEMPP(backbone, num_classes, **common)
-        elif name == "sadajem":
-            model = keras_jem.SADAJEM(backbone, num_classes, **common)
-        elif name == "gmmc":
-            model = _model_class("GMMC")(backbone, num_classes, mode="generative", **common)
-        elif name == "igebm":
-            model = _model_class("IGEBM")(backbone, **common)
         else:
-            raise ValueError(f"Unknown model {name!r}")
+            preset = trainer_config(name, config["num_steps"], config["buffer_size"],
+                                    config["norm"])
+            model = factory.build_model(preset, num_classes, backbone=backbone)
         if name != "softmax":
-            model.sampler.num_steps = int(config["num_steps"])
             model.build((None,) + image_shape)
             if model.buffer.initialization == "gaussian_mixture":
                 rng = np.random.default_rng(0)
@@ -402,13 +389,13 @@ def reference_results(timings, num_steps, loss_images):
     """The result fields derived from `interleaved_timings` (shared with tools/torch_jem.py)."""
     iteration_s = timings["iteration"][0]
     sampler_s, sampler_cpu_s = timings["sampler"]
-    result = dict(
-        ref_iteration_s=iteration_s,
-        sampler_s=sampler_s,
-        sampler_cpu_s=sampler_cpu_s,
-        sampler_step_s=sampler_s / num_steps,
-        sampling_share=sampler_s / iteration_s,
-    )
+    result = {
+        "ref_iteration_s": iteration_s,
+        "sampler_s": sampler_s,
+        "sampler_cpu_s": sampler_cpu_s,
+        "sampler_step_s": sampler_s / num_steps,
+        "sampling_share": sampler_s / iteration_s,
+    }
     if "standalone" in timings:
         standalone_s = timings["standalone"][0]
         classifier_s = timings["classifier"][0]
@@ -453,10 +440,7 @@ def run_tensorflow_config(config):
     if tf.config.list_physical_devices("GPU"):
         tf.config.experimental.reset_memory_stats("GPU:0")
 
-    try:
-        model = build_model(config, strategy)
-    except _NotAvailable as error:
-        return {"status": "not available", "error": str(error)}
+    model = build_model(config, strategy)
     is_softmax = config["model"] == "softmax"
     backbone = model.layers[0] if is_softmax else model.backbone
     result["parameters"] = int(sum(math.prod(v.shape) for v in model.trainable_variables))
@@ -603,7 +587,7 @@ def run_config(config, args):
     try:
         process = subprocess.run(
             command, cwd=REPO, env=_worker_env(config), capture_output=True, text=True,
-            timeout=args.timeout,
+            timeout=args.timeout, check=False,
         )
     except FileNotFoundError as error:
         row.update(status="not available", error=str(error))

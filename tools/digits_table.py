@@ -37,7 +37,8 @@ OOD_SETS = ("uniform_noise", "interpolation", "faces", "photos")
 def _run(command, log_path):
     start = time.time()
     with open(log_path, "w") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed (exit {result.returncode}); see {log_path}")
     return time.time() - start
@@ -61,8 +62,8 @@ def train_and_evaluate(name, output_dir, fit_args, skip_existing):
 
 
 def summarize(name, run_dir):
-    evaluation = json.load(open(os.path.join(run_dir, "eval", "eval.json")))
-    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
+    evaluation = _read_json(os.path.join(run_dir, "eval", "eval.json"))
+    metrics = _read_json(os.path.join(run_dir, "metrics.json"))
     tasks = evaluation["tasks"]
     ood = tasks["ood"]["results"]
     density_score = "logsumexp" if "logsumexp" in ood else "energy"
@@ -85,23 +86,28 @@ def summarize(name, run_dir):
     return row
 
 
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _auroc(row, key):
+    value = row.get(key)
+    return "–" if value is None else f"{value:.3f}"
+
+
 def to_markdown(rows, baseline):
     header = ("| model | test acc. | Δ vs softmax | ECE (20 bins) | AUROC log p(x) vs noise | "
               "vs interp. | vs faces | vs photos | AUROC max p(y|x) vs noise | train time |")
     lines = [header, "|" + "---|" * 10]
     for row in rows:
         score = row["density_score"]
-
-        def auroc(key):
-            value = row.get(key)
-            return "–" if value is None else f"{value:.3f}"
-
         delta = 100 * (row["test_accuracy"] - baseline) if baseline is not None else 0.0
         lines.append(
             f"| {row['model']} | {100 * row['test_accuracy']:.2f}% | {delta:+.2f} | "
-            f"{100 * row['ece']:.2f}% | {auroc(f'auroc_{score}_uniform_noise')} | "
-            f"{auroc(f'auroc_{score}_interpolation')} | {auroc(f'auroc_{score}_faces')} | "
-            f"{auroc(f'auroc_{score}_photos')} | {auroc('auroc_max_softmax_uniform_noise')} | "
+            f"{100 * row['ece']:.2f}% | {_auroc(row, f'auroc_{score}_uniform_noise')} | "
+            f"{_auroc(row, f'auroc_{score}_interpolation')} | {_auroc(row, f'auroc_{score}_faces')} | "
+            f"{_auroc(row, f'auroc_{score}_photos')} | {_auroc(row, 'auroc_max_softmax_uniform_noise')} | "
             f"{row['train_seconds']:.0f} s |"
         )
     return "\n".join(lines)
@@ -130,7 +136,7 @@ def main(argv=None):
             rows.append(train_and_evaluate(name, args.output_dir, args.fit_args.split(),
                                            args.skip_existing))
             print(f"[digits_table] {name}: acc {rows[-1]['test_accuracy']:.4f}", flush=True)
-        except Exception as error:  # keep the rows of the models that worked
+        except (RuntimeError, OSError, KeyError) as error:  # keep the rows that worked
             failures[name] = str(error)
             print(f"[digits_table] {name} failed: {error}", flush=True)
     baseline = next((r["test_accuracy"] for r in rows if r["model"] == "softmax"), None)

@@ -1,204 +1,362 @@
-"""Hyperparameter presets: data, not code paths.
+"""Hyperparameter presets: keyword arguments handed straight to the constructors.
 
-`resolve(model, dataset, overrides)` merges, in order: `DEFAULTS`, the model's `"*"` preset, the
-model's preset for the dataset family (`"cifar"` for cifar10/cifar100/svhn, `"digits"`), the
-family's preset for the training mode (`"cifar:joint"`; GMMC's `--mode`), and the user's
-overrides. The CIFAR presets reproduce the papers' scripts (ALGORITHMS.md sections 1.5, 2,
-3.4, 4.5, 5.3); the digits presets are small settings that train in minutes on 2 CPU cores.
+A preset is a dict of sections, each holding the keyword arguments of what it configures:
+
+    "model":     the model class (`keras_jem.JEM`, `JEMPP`, `SADAJEM`, `GMMC`, `IGEBM`)
+    "sampler":   the sampler class (`keras_jem.sampling.SGLD`, `ProximalSGLD`,
+                 `LatentTargetSampler`), plus "name" ("sgld" or "proximal")
+    "sam":       `keras_jem.optimizers.SAM` ("rho" 0 means no SAM)
+    "backbone":  the backbone class (`SmallCNN`, `WideResNet`, `SNResNet`), plus "name"
+                 ("small_cnn" or "wrn"; IGEBM always uses `SNResNet`) and IGEBM's "conditional"
+    "optimizer": the Keras optimizer, plus "name" ("adam" or "sgd") and the learning-rate
+                 schedule (`WarmupPiecewiseConstant`): "warmup_steps", "decay_epochs"
+                 (comma-separated epochs), "decay_factor"
+    "data":      `keras_jem.data.make_train_dataset` (batch sizes, augmentation, noise), plus
+                 "test_noise_scale", "num_validation" and where the data is
+    "run":       the trainer itself (epochs, seed, model_dir, strategy, ...)
+
+`PRESETS[model]` maps keys to presets, merged in this order over the constructors' own defaults:
+`COMMON` (the trainer's choices for every model), the model's `"*"`, its dataset family
+(`DATASET_FAMILIES`: "digits", "cifar"), its dataset name, then for GMMC the training mode
+(`"<family>:<mode>"`, `"<dataset>:<mode>"`), and last the user's flags. A default that a
+constructor owns is read from its signature, never repeated here.
+
+To add a dataset: map it to a family in `DATASET_FAMILIES` (its own name starts a new family)
+and give each model a preset under that key, e.g.
+
+    PRESETS["jem"]["fashion_mnist"] = {
+        "run": {"epochs": 10},
+        "model": {"buffer_size": 5000},
+        "sampler": {"num_steps": 20},
+        "optimizer": {"learning_rate": 1e-3, "warmup_steps": 100},
+    }
+
+A preset written as flat flag names (`{"epochs": 10, "buffer_size": 5000, "clip_samples":
+True}`, the older format) is read too: each flag goes to its section (`FLAGS`).
+
+Every key of `FLAGS` is a command-line flag (`python -m trainers.fit --help` shows each one's
+preset); `resolve` returns the flat flag values, `sections` turns them back into keyword
+arguments.
 """
 
-# Every setting a user can change, with its type and help. `None` defaults mean "not used" or
-# "derived" (e.g. steps_per_epoch from the dataset size).
-SETTINGS = {
+import collections
+import inspect
+
+SECTIONS = ("run", "data", "backbone", "model", "sampler", "sam", "optimizer")
+
+# A flag: where it goes (section, keyword), its type, help, and the class whose signature holds
+# its default ("module:Class"; None: the default is the trainer's, in `COMMON`).
+Flag = collections.namedtuple("Flag", "section key type help source")
+
+FLAGS = {
     # Run.
-    "model_dir": (str, "runs/jem", "where checkpoints, logs, samples and the model go"),
-    "epochs": (int, 20, "number of epochs"),
-    "steps_per_epoch": (int, None, "steps per epoch (default: examples / px_batch_size)"),
-    "seed": (int, 1, "random seed"),
-    "jit_compile": (str, "auto", (
-        "XLA: auto (on with a GPU or TPU; off on CPUs, where it is slower), true or false")),
-    "save_freq": (str, "epoch", "backup frequency: 'epoch' or a number of steps"),
-    "mixed_precision": (str, "none", (
+    "model_dir": Flag("run", "model_dir", str,
+                      "where checkpoints, logs, samples and the model go", None),
+    "epochs": Flag("run", "epochs", int, "number of epochs", None),
+    "steps_per_epoch": Flag("run", "steps_per_epoch", int,
+                            "steps per epoch (default: examples / px_batch_size)", None),
+    "seed": Flag("run", "seed", int, "random seed", None),
+    "jit_compile": Flag("run", "jit_compile", str, (
+        "XLA: auto (on with a GPU or TPU; off on CPUs, where it is slower), true or false"),
+        None),
+    "save_freq": Flag("run", "save_freq", str,
+                      "backup frequency: 'epoch' or a number of steps", None),
+    "mixed_precision": Flag("run", "mixed_precision", str, (
         "compute dtype policy: none (float32), mixed_bfloat16 (CPUs with AVX512-BF16, TPUs) or "
-        "mixed_float16 (GPUs); variables, energies, sampler chains and the buffer stay float32")),
-    "strategy": (str, "default", "tf.distribute strategy: default, mirrored, multi_worker, tpu"),
-    "num_devices": (int, None, "mirrored replicas: the first N GPUs (no GPU: N logical CPUs)"),
-    "tpu": (str, None, "TPU name or address for --strategy tpu (default: TPU_NAME or local)"),
-    "sample_every": (int, 1, "write a PNG grid of samples every N epochs (0: never)"),
-    "max_rollbacks": (int, 3, "rollbacks to the last checkpoint on divergence before giving up"),
-    "verbose": (str, "auto", "progress: auto (bar on a TTY, one line per epoch otherwise), 0-2"),
+        "mixed_float16 (GPUs); variables, energies, sampler chains and the buffer stay float32"),
+        None),
+    "strategy": Flag("run", "strategy", str,
+                     "tf.distribute strategy: default, mirrored, multi_worker, tpu", None),
+    "num_devices": Flag("run", "num_devices", int,
+                        "mirrored replicas: the first N GPUs (no GPU: N logical CPUs)", None),
+    "tpu": Flag("run", "tpu", str,
+                "TPU name or address for --strategy tpu (default: TPU_NAME or local)", None),
+    "sample_every": Flag("run", "sample_every", int,
+                         "write a PNG grid of samples every N epochs (0: never)", None),
+    "max_rollbacks": Flag("run", "max_rollbacks", int,
+                          "rollbacks to the last checkpoint on divergence before giving up",
+                          None),
+    "verbose": Flag("run", "verbose", str,
+                    "progress: auto (bar on a TTY, one line per epoch otherwise), 0-2", None),
     # Data.
-    "data_dir": (str, None, "TFDS data directory (default ~/tensorflow_datasets)"),
-    "manual_dir": (str, None, "directory with the dataset archives, prepared offline by TFDS"),
-    "download": (bool, False, "let TFDS download the dataset (needs internet)"),
-    "num_validation": (int, 0, "training images held out for validation"),
-    "batch_size": (int, 64, "batch size of the cross-entropy stream"),
-    "px_batch_size": (int, None, "batch size of the likelihood stream (default: batch_size)"),
-    "augment": (str, None, "crop_flip, crop or none (default: the dataset's)"),
-    "augment_px": (bool, True, "augment the likelihood stream too (SADA-JEM: no)"),
-    "noise_scale": (float, 0.0, "Gaussian noise added to training images"),
-    "test_noise_scale": (float, 0.0, "Gaussian noise added to test images (JEM: 0.03)"),
+    "data_dir": Flag("data", "data_dir", str,
+                     "TFDS data directory (default ~/tensorflow_datasets)", None),
+    "manual_dir": Flag("data", "manual_dir", str,
+                       "directory with the dataset archives, prepared offline by TFDS", None),
+    "download": Flag("data", "download", bool,
+                     "let TFDS download the dataset (needs internet)", None),
+    "num_validation": Flag("data", "num_validation", int,
+                           "training images held out for validation", None),
+    "batch_size": Flag("data", "batch_size", int, "batch size of the cross-entropy stream",
+                       "keras_jem.data:make_train_dataset"),
+    "px_batch_size": Flag("data", "px_batch_size", int,
+                          "batch size of the likelihood stream (default: batch_size)",
+                          "keras_jem.data:make_train_dataset"),
+    "augment": Flag("data", "augment", str,
+                    "crop_flip, crop or none (default: the dataset's)", None),
+    "augment_px": Flag("data", "augment_px", bool,
+                       "augment the likelihood stream too (SADA-JEM: no)", None),
+    "noise_scale": Flag("data", "noise_scale", float, "Gaussian noise added to training images",
+                        "keras_jem.data:make_train_dataset"),
+    "test_noise_scale": Flag("data", "test_noise_scale", float,
+                             "Gaussian noise added to test images (JEM: 0.03)", None),
     # Backbone.
-    "backbone": (str, "small_cnn", "small_cnn or wrn"),
-    "depth": (int, 28, "Wide-ResNet depth"),
-    "width": (int, 10, "Wide-ResNet width"),
-    "norm": (str, "none", "none, batch, group, instance or layer"),
-    "dropout_rate": (float, 0.0, "dropout inside the backbone"),
-    # Optimizer.
-    "optimizer": (str, "adam", "adam or sgd"),
-    "learning_rate": (float, 1e-4, "learning rate after warm-up"),
-    "momentum": (float, 0.9, "SGD momentum"),
-    "beta_1": (float, 0.9, "Adam beta_1"),
-    "beta_2": (float, 0.999, "Adam beta_2"),
-    "weight_decay": (float, 0.0, "coupled L2 weight decay (PyTorch style)"),
-    "warmup_steps": (int, 0, "linear learning-rate warm-up steps"),
-    "decay_epochs": (str, "", "comma-separated epochs where the rate is multiplied by decay_factor"),
-    "decay_factor": (float, 0.3, "learning-rate multiplier at each decay epoch"),
-    "clipnorm": (float, None, "clip each gradient to this norm"),
-    # Model and sampler.
-    "buffer_size": (int, 10000, "replay buffer size"),
-    "buffer_init": (str, "uniform", "uniform or gaussian_mixture"),
-    "buffer_covariance": (str, "full", "full or diagonal class covariances (gaussian_mixture)"),
-    "reinit_probability": (float, 0.05, "probability of restarting a chain"),
-    "conditional_sampling": (bool, False, "draw p(x) samples class-conditionally"),
-    "px_weight": (float, 1.0, "weight of the log p(x) term"),
-    "pyx_weight": (float, 1.0, "weight of the cross-entropy term"),
-    "pxy_weight": (float, 0.0, "weight of the log p(x, y) term"),
-    "energy_l2_weight": (float, 0.0, "L2 penalty on energies"),
-    "divergence_threshold": (float, 1e8, "loss/energy magnitude treated as divergence"),
-    "sampler": (str, "sgld", "sgld or proximal"),
-    "num_steps": (int, 20, "sampler steps per training iteration"),
-    "inner_steps": (int, 5, "proximal sampler inner steps"),
-    "step_size": (float, 1.0, "sampler step size"),
-    "sampler_noise": (float, 0.01, "sampler noise standard deviation"),
-    "gradient_clip": (float, None, "per-element clip of the sampler gradient"),
-    "clip_samples": (bool, False, "clamp samples to the data range [-1, 1]"),
-    "sample_in_training_mode": (bool, False, "BatchNorm in training mode while sampling"),
-    "sam_rho": (float, 0.0, "SAM radius (0: no SAM)"),
-    "sam_adaptive": (bool, False, "adaptive SAM (ASAM)"),
+    "backbone": Flag("backbone", "name", str, "small_cnn or wrn", None),
+    "depth": Flag("backbone", "depth", int, "Wide-ResNet depth",
+                  "keras_jem.backbones:WideResNet"),
+    "width": Flag("backbone", "width", int, "Wide-ResNet width",
+                  "keras_jem.backbones:WideResNet"),
+    "norm": Flag("backbone", "norm", str, "none, batch, group, instance or layer",
+                 "keras_jem.backbones:SmallCNN"),
+    "dropout_rate": Flag("backbone", "dropout_rate", float, "dropout inside the backbone",
+                         "keras_jem.backbones:SmallCNN"),
+    # Optimizer and learning-rate schedule.
+    "optimizer": Flag("optimizer", "name", str, "adam or sgd", None),
+    "learning_rate": Flag("optimizer", "learning_rate", float, "learning rate after warm-up",
+                          None),
+    "momentum": Flag("optimizer", "momentum", float, "SGD momentum", None),
+    "beta_1": Flag("optimizer", "beta_1", float, "Adam beta_1", "keras.optimizers:Adam"),
+    "beta_2": Flag("optimizer", "beta_2", float, "Adam beta_2", "keras.optimizers:Adam"),
+    "weight_decay": Flag("model", "weight_decay", float,
+                         "coupled L2 weight decay (PyTorch style)", "keras_jem:JEM"),
+    "warmup_steps": Flag("optimizer", "warmup_steps", int, "linear learning-rate warm-up steps",
+                         "keras_jem.optimizers:WarmupPiecewiseConstant"),
+    "decay_epochs": Flag("optimizer", "decay_epochs", str,
+                         "comma-separated epochs where the rate is multiplied by decay_factor",
+                         None),
+    "decay_factor": Flag("optimizer", "decay_factor", float,
+                         "learning-rate multiplier at each decay epoch", None),
+    "clipnorm": Flag("optimizer", "clipnorm", float, "clip each gradient to this norm",
+                     "keras.optimizers:Adam"),
+    # Model.
+    "buffer_size": Flag("model", "buffer_size", int, "replay buffer size", "keras_jem:JEM"),
+    "buffer_init": Flag("model", "buffer_init", str, "uniform or gaussian_mixture",
+                        "keras_jem:JEM"),
+    "buffer_covariance": Flag("model", "buffer_covariance", str,
+                              "full or diagonal class covariances (gaussian_mixture)",
+                              "keras_jem:JEM"),
+    "reinit_probability": Flag("model", "reinit_probability", float,
+                               "probability of restarting a chain", "keras_jem:JEM"),
+    "conditional_sampling": Flag("model", "conditional_sampling", bool,
+                                 "draw p(x) samples class-conditionally", "keras_jem:JEM"),
+    "px_weight": Flag("model", "px_weight", float, "weight of the log p(x) term",
+                      "keras_jem:JEM"),
+    "pyx_weight": Flag("model", "pyx_weight", float, "weight of the cross-entropy term",
+                       "keras_jem:JEM"),
+    "pxy_weight": Flag("model", "pxy_weight", float, "weight of the log p(x, y) term",
+                       "keras_jem:JEM"),
+    "energy_l2_weight": Flag("model", "energy_l2_weight", float, "L2 penalty on energies",
+                             "keras_jem:JEM"),
+    "divergence_threshold": Flag("model", "divergence_threshold", float,
+                                 "loss/energy magnitude treated as divergence", "keras_jem:JEM"),
+    "sample_in_training_mode": Flag("model", "sample_in_training_mode", bool,
+                                    "BatchNorm in training mode while sampling", "keras_jem:JEM"),
+    # Sampler.
+    "sampler": Flag("sampler", "name", str, "sgld or proximal", None),
+    "num_steps": Flag("sampler", "num_steps", int, "sampler steps per training iteration",
+                      "keras_jem.sampling:SGLD"),
+    "inner_steps": Flag("sampler", "inner_steps", int, "proximal sampler inner steps",
+                        "keras_jem.sampling:ProximalSGLD"),
+    "step_size": Flag("sampler", "step_size", float, "sampler step size",
+                      "keras_jem.sampling:SGLD"),
+    "sampler_noise": Flag("sampler", "noise_scale", float, "sampler noise standard deviation",
+                          "keras_jem.sampling:SGLD"),
+    "gradient_clip": Flag("sampler", "gradient_clip", float,
+                          "per-element clip of the sampler gradient", "keras_jem.sampling:SGLD"),
+    "clip_samples": Flag("sampler", "clip_range", bool,
+                         "clamp samples to the data range [-1, 1]", "keras_jem.sampling:SGLD"),
+    # SAM.
+    "sam_rho": Flag("sam", "rho", float, "SAM radius (0: no SAM)", None),
+    "sam_adaptive": Flag("sam", "adaptive", bool, "adaptive SAM (ASAM)",
+                         "keras_jem.optimizers:SAM"),
     # GMMC (--model gmmc only).
-    "mode": (str, "joint", "GMMC training mode: discriminative (dis), generative (gen) or joint"),
-    "center_scale": (float, 10.0, "GMMC: norm of the Max-Mahalanobis class centres"),
-    "beta": (float, 0.5, "GMMC: weight of the sample energies in the generative loss"),
-    "start_generative": (int, 50, "GMMC joint: first epoch with the generative loss"),
-    "latent_noise": (float, 0.001, "GMMC sampler: noise of the latent target mu_y + noise"),
-    "inject": (bool, False, "GMMC sampler: draw a new latent target at every step"),
+    "mode": Flag("model", "mode", str,
+                 "GMMC training mode: discriminative (dis), generative (gen) or joint",
+                 "keras_jem:GMMC"),
+    "center_scale": Flag("model", "center_scale", float,
+                         "GMMC: norm of the Max-Mahalanobis class centres", "keras_jem:GMMC"),
+    "beta": Flag("model", "beta", float,
+                 "GMMC: weight of the sample energies in the generative loss", "keras_jem:GMMC"),
+    "start_generative": Flag("model", "start_generative", int,
+                             "GMMC joint: first epoch with the generative loss",
+                             "keras_jem:GMMC"),
+    "latent_noise": Flag("sampler", "latent_noise", float,
+                         "GMMC sampler: noise of the latent target mu_y + noise",
+                         "keras_jem.sampling:LatentTargetSampler"),
+    "inject": Flag("sampler", "inject", bool,
+                   "GMMC sampler: draw a new latent target at every step",
+                   "keras_jem.sampling:LatentTargetSampler"),
     # IGEBM (--model igebm only).
-    "conditional": (bool, True, "IGEBM: class-conditional energy E(x, y)"),
-    "sn_filters": (str, "64", "IGEBM SNResNet widths: a base width or one per stage, e.g. 128,256"),
-    "sn_num_blocks": (int, 1, "IGEBM: residual blocks per stage"),
-    "sn_pooling": (str, "sum", "IGEBM: feature pooling, sum or mean"),
+    "conditional": Flag("backbone", "conditional", bool,
+                        "IGEBM: class-conditional energy E(x, y)", None),
+    "sn_filters": Flag("backbone", "filters", str,
+                       "IGEBM SNResNet widths: a base width or one per stage, e.g. 128,256",
+                       "keras_jem.backbones:SNResNet"),
+    "sn_num_blocks": Flag("backbone", "num_blocks", int, "IGEBM: residual blocks per stage",
+                          "keras_jem.backbones:SNResNet"),
+    "sn_pooling": Flag("backbone", "pooling", str, "IGEBM: feature pooling, sum or mean",
+                       "keras_jem.backbones:SNResNet"),
 }
 
-# Settings that only one model reads: giving them to another model is an error.
+# Flags that only one model reads: giving them to another model is an error.
 MODEL_SETTINGS = {
     "gmmc": ("mode", "center_scale", "beta", "start_generative", "latent_noise", "inject"),
     "igebm": ("conditional", "sn_filters", "sn_num_blocks", "sn_pooling"),
 }
 
+# The keyword arguments each model class takes from the "model" section.
+MODEL_ARGUMENTS = {
+    "jem": ("buffer_size", "buffer_init", "buffer_covariance", "reinit_probability",
+            "conditional_sampling", "px_weight", "pyx_weight", "pxy_weight", "energy_l2_weight",
+            "sample_in_training_mode", "divergence_threshold", "weight_decay"),
+    "gmmc": ("mode", "center_scale", "beta", "start_generative", "buffer_size",
+             "reinit_probability", "energy_l2_weight", "sample_in_training_mode",
+             "divergence_threshold", "weight_decay"),
+    "igebm": ("buffer_size", "reinit_probability", "energy_l2_weight", "divergence_threshold",
+              "sample_in_training_mode"),
+}
+for _name in ("softmax", "jempp", "sadajem"):
+    MODEL_ARGUMENTS[_name] = MODEL_ARGUMENTS["jem"]
+
 GMMC_MODES = ("discriminative", "generative", "joint")
 MODE_ALIASES = {"dis": "discriminative", "gen": "generative"}
 
-DEFAULTS = {name: spec[1] for name, spec in SETTINGS.items()}
+# The trainer's choices for every model, where no constructor has the default (or the trainer
+# deliberately differs from one: Keras' Adam starts at 1e-3, the papers' JEM at 1e-4).
+COMMON = {
+    "run": {"model_dir": "runs/jem", "epochs": 20, "steps_per_epoch": None, "seed": 1,
+            "jit_compile": "auto", "save_freq": "epoch", "mixed_precision": "none",
+            "strategy": "default", "num_devices": None, "tpu": None, "sample_every": 1,
+            "max_rollbacks": 3, "verbose": "auto"},
+    "data": {"data_dir": None, "manual_dir": None, "download": False, "num_validation": 0,
+             "augment": None, "augment_px": True, "test_noise_scale": 0.0},
+    "backbone": {"name": "small_cnn", "conditional": True},
+    "optimizer": {"name": "adam", "learning_rate": 1e-4, "momentum": 0.9, "decay_epochs": "",
+                  "decay_factor": 0.3},
+    "sampler": {"name": "sgld"},
+    "sam": {"rho": 0.0},
+}
 
 MODELS = ("softmax", "jem", "jempp", "sadajem", "gmmc", "igebm")
 
-# Per model: "*" applies to every dataset, then the dataset family's preset, then (GMMC) the
-# family's preset for the training mode, "<family>:<mode>".
+_CIFAR_WRN = {"name": "wrn", "depth": 28, "width": 10}
+
 PRESETS = {
     "softmax": {
-        "*": {"px_weight": 0.0},
-        "digits": {"epochs": 40, "learning_rate": 3e-3, "noise_scale": 0.03,
-                   "warmup_steps": 100},
-        "cifar": {"backbone": "wrn", "optimizer": "sgd", "learning_rate": 0.1,
-                  "weight_decay": 5e-4, "epochs": 200, "decay_epochs": "60,120,160",
-                  "decay_factor": 0.2, "norm": "batch"},
+        "*": {"model": {"px_weight": 0.0}},
+        "digits": {"run": {"epochs": 40}, "data": {"noise_scale": 0.03},
+                   "optimizer": {"learning_rate": 3e-3, "warmup_steps": 100}},
+        "cifar": {"run": {"epochs": 200}, "backbone": {"name": "wrn", "norm": "batch"},
+                  "model": {"weight_decay": 5e-4},
+                  "optimizer": {"name": "sgd", "learning_rate": 0.1,
+                                "decay_epochs": "60,120,160", "decay_factor": 0.2}},
     },
     # JEM: ALGORITHMS.md 1.5.
     "jem": {
-        "*": {"sampler": "sgld", "num_steps": 20, "step_size": 1.0, "sampler_noise": 0.01,
-              "buffer_size": 10000, "reinit_probability": 0.05, "noise_scale": 0.03,
-              "test_noise_scale": 0.03},
-        "digits": {"epochs": 40, "learning_rate": 3e-3, "buffer_size": 2000, "num_steps": 20,
-                   "noise_scale": 0.03, "test_noise_scale": 0.0, "warmup_steps": 100},
-        "cifar": {"backbone": "wrn", "depth": 28, "width": 10, "norm": "none",
-                  "optimizer": "adam", "learning_rate": 1e-4, "warmup_steps": 1000,
-                  "epochs": 200, "decay_epochs": "160,180", "decay_factor": 0.3,
-                  "num_validation": 5000},
+        "*": {"model": {"buffer_size": 10000, "reinit_probability": 0.05},
+              "sampler": {"name": "sgld", "num_steps": 20, "step_size": 1.0,
+                          "noise_scale": 0.01},
+              "data": {"noise_scale": 0.03, "test_noise_scale": 0.03}},
+        "digits": {"run": {"epochs": 40}, "model": {"buffer_size": 2000},
+                   "sampler": {"num_steps": 20},
+                   "data": {"noise_scale": 0.03, "test_noise_scale": 0.0},
+                   "optimizer": {"learning_rate": 3e-3, "warmup_steps": 100}},
+        "cifar": {"run": {"epochs": 200}, "backbone": dict(_CIFAR_WRN, norm=None),
+                  "data": {"num_validation": 5000},
+                  "optimizer": {"name": "adam", "learning_rate": 1e-4, "warmup_steps": 1000,
+                                "decay_epochs": "160,180", "decay_factor": 0.3}},
     },
     # JEM++: ALGORITHMS.md 2.
     "jempp": {
-        "*": {"sampler": "proximal", "num_steps": 10, "inner_steps": 5, "step_size": 0.2,
-              "sampler_noise": 0.0, "gradient_clip": 1.0, "clip_samples": True,
-              "buffer_init": "gaussian_mixture", "sample_in_training_mode": True,
-              "noise_scale": 0.03, "norm": "batch"},
+        "*": {"model": {"buffer_init": "gaussian_mixture", "sample_in_training_mode": True},
+              "sampler": {"name": "proximal", "num_steps": 10, "inner_steps": 5,
+                          "step_size": 0.2, "noise_scale": 0.0, "gradient_clip": 1.0,
+                          "clip_range": (-1.0, 1.0)},
+              "backbone": {"norm": "batch"}, "data": {"noise_scale": 0.03}},
         # On 8x8 digits the clipped proximal steps overshoot and the data energy runs away
         # without an energy penalty (the JEM authors' remedy, JEM issue #4).
-        "digits": {"epochs": 30, "learning_rate": 1e-3, "buffer_size": 2000,
-                   "warmup_steps": 100, "energy_l2_weight": 0.1},
-        "cifar": {"backbone": "wrn", "depth": 28, "width": 10, "optimizer": "sgd",
-                  "learning_rate": 0.1, "momentum": 0.9, "weight_decay": 4e-4,
-                  "warmup_steps": 1000, "epochs": 150, "decay_epochs": "50,100,125",
-                  "decay_factor": 0.2, "num_validation": 5000},
+        "digits": {"run": {"epochs": 30}, "model": {"buffer_size": 2000, "energy_l2_weight": 0.1},
+                   "optimizer": {"learning_rate": 1e-3, "warmup_steps": 100}},
+        "cifar": {"run": {"epochs": 150}, "backbone": _CIFAR_WRN,
+                  "model": {"weight_decay": 4e-4}, "data": {"num_validation": 5000},
+                  "optimizer": {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9,
+                                "warmup_steps": 1000, "decay_epochs": "50,100,125",
+                                "decay_factor": 0.2}},
     },
     # SADA-JEM: ALGORITHMS.md 3.4.
     "sadajem": {
-        "*": {"sampler": "sgld", "num_steps": 5, "step_size": 1.0, "sampler_noise": 0.0,
-              "gradient_clip": 1.0, "clip_samples": True, "buffer_init": "gaussian_mixture",
-              "sample_in_training_mode": True, "sam_rho": 2.0, "sam_adaptive": True,
-              "augment_px": False, "noise_scale": 0.0, "divergence_threshold": 1e5,
-              "norm": "batch"},
+        "*": {"model": {"buffer_init": "gaussian_mixture", "sample_in_training_mode": True,
+                        "divergence_threshold": 1e5},
+              "sampler": {"name": "sgld", "num_steps": 5, "step_size": 1.0, "noise_scale": 0.0,
+                          "gradient_clip": 1.0, "clip_range": (-1.0, 1.0)},
+              "sam": {"rho": 2.0, "adaptive": True},
+              "backbone": {"norm": "batch"}, "data": {"augment_px": False, "noise_scale": 0.0}},
         # Without an energy penalty log p(x) separates digits from noise poorly here
         # (AUROC 0.93; 0.99 with it, see README).
-        "digits": {"epochs": 30, "learning_rate": 1e-3, "buffer_size": 2000,
-                   "batch_size": 64, "px_batch_size": 64, "warmup_steps": 100,
-                   "sam_rho": 0.5, "energy_l2_weight": 0.1},
-        "cifar": {"backbone": "wrn", "depth": 28, "width": 10, "optimizer": "sgd",
-                  "learning_rate": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
-                  "warmup_steps": 1000, "epochs": 200, "decay_epochs": "60,120,180",
-                  "decay_factor": 0.2, "batch_size": 128, "px_batch_size": 64,
-                  "num_validation": 0},
+        "digits": {"run": {"epochs": 30}, "model": {"buffer_size": 2000, "energy_l2_weight": 0.1},
+                   "sam": {"rho": 0.5}, "data": {"batch_size": 64, "px_batch_size": 64},
+                   "optimizer": {"learning_rate": 1e-3, "warmup_steps": 100}},
+        "cifar": {"run": {"epochs": 200}, "backbone": _CIFAR_WRN,
+                  "model": {"weight_decay": 5e-4},
+                  "data": {"batch_size": 128, "px_batch_size": 64, "num_validation": 0},
+                  "optimizer": {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9,
+                                "warmup_steps": 1000, "decay_epochs": "60,120,180",
+                                "decay_factor": 0.2}},
     },
     # GMMC: ALGORITHMS.md 4.5 (the authors' cifar10_gen.sh and cifar10_joint.sh).
     "gmmc": {
-        "*": {"mode": "joint", "center_scale": 10.0, "beta": 0.5, "start_generative": 50,
-              "latent_noise": 0.001, "inject": False, "num_steps": 20, "step_size": 1.0,
-              "clip_samples": True, "sampler_noise": 0.0, "noise_scale": 0.03},
+        "*": {"model": {"mode": "joint", "center_scale": 10.0, "beta": 0.5,
+                        "start_generative": 50},
+              "sampler": {"latent_noise": 0.001, "inject": False, "num_steps": 20,
+                          "step_size": 1.0, "clip_range": (-1.0, 1.0), "noise_scale": 0.0},
+              "data": {"noise_scale": 0.03}},
         # Digits: a small buffer and 40 steps give every chain enough updates to look like a
         # digit; joint turns the generative loss on after 5 discriminative epochs. beta 1.0
         # collapses to about 50% accuracy here.
-        "digits": {"epochs": 50, "learning_rate": 1e-3, "buffer_size": 500, "warmup_steps": 100,
-                   "start_generative": 5, "num_steps": 40},
-        "cifar": {"backbone": "wrn", "depth": 28, "width": 10, "norm": "none",
-                  "optimizer": "adam", "learning_rate": 1e-4, "warmup_steps": 1000,
-                  "num_validation": 5000},
-        "cifar:generative": {"epochs": 100, "decay_epochs": "30,50,80", "decay_factor": 0.3,
-                             "buffer_size": 100000, "reinit_probability": 0.025,
-                             "num_steps": 20, "start_generative": 0},
-        "cifar:joint": {"epochs": 150, "decay_epochs": "30,50,80,100,120", "decay_factor": 0.3,
-                        "buffer_size": 50000, "reinit_probability": 0.05, "num_steps": 50,
-                        "start_generative": 50},
+        "digits": {"run": {"epochs": 50}, "model": {"buffer_size": 500, "start_generative": 5},
+                   "sampler": {"num_steps": 40},
+                   "optimizer": {"learning_rate": 1e-3, "warmup_steps": 100}},
+        "cifar": {"backbone": dict(_CIFAR_WRN, norm=None), "data": {"num_validation": 5000},
+                  "optimizer": {"name": "adam", "learning_rate": 1e-4, "warmup_steps": 1000}},
+        "cifar:generative": {"run": {"epochs": 100},
+                             "model": {"buffer_size": 100000, "reinit_probability": 0.025,
+                                       "start_generative": 0},
+                             "sampler": {"num_steps": 20},
+                             "optimizer": {"decay_epochs": "30,50,80", "decay_factor": 0.3}},
+        "cifar:joint": {"run": {"epochs": 150},
+                        "model": {"buffer_size": 50000, "reinit_probability": 0.05,
+                                  "start_generative": 50},
+                        "sampler": {"num_steps": 50},
+                        "optimizer": {"decay_epochs": "30,50,80,100,120", "decay_factor": 0.3}},
         # The authors' cifar10_dis.sh calls a script missing from their repository; these are
         # the defaults of their train_gmmc.py.
-        "cifar:discriminative": {"optimizer": "sgd", "learning_rate": 0.03, "momentum": 0.9,
-                                 "norm": "batch", "epochs": 150,
-                                 "decay_epochs": "50,80,100,120", "decay_factor": 0.3,
-                                 "noise_scale": 0.0, "buffer_size": 100, "warmup_steps": 0},
+        "cifar:discriminative": {"run": {"epochs": 150}, "backbone": {"norm": "batch"},
+                                 "model": {"buffer_size": 100}, "data": {"noise_scale": 0.0},
+                                 "optimizer": {"name": "sgd", "learning_rate": 0.03,
+                                               "momentum": 0.9, "warmup_steps": 0,
+                                               "decay_epochs": "50,80,100,120",
+                                               "decay_factor": 0.3}},
     },
     # IGEBM: ALGORITHMS.md 5.2-5.3. On CIFAR the conditional ResNet32 (128-256-256, 2 blocks per
     # stage); the unconditional ResNet32Large is --conditional false --sn_filters 128
     # --sn_num_blocks 3 --dropout_rate 0.5.
     "igebm": {
-        "*": {"conditional": True, "sampler": "sgld", "num_steps": 60, "step_size": 10.0,
-              "sampler_noise": 0.005, "gradient_clip": 0.01, "clip_samples": True,
-              "buffer_size": 10000, "reinit_probability": 0.05, "energy_l2_weight": 1.0,
-              "optimizer": "adam", "learning_rate": 3e-4, "beta_1": 0.0, "beta_2": 0.999,
-              "augment": "none", "augment_px": False, "noise_scale": 0.0,
-              "sn_filters": "64", "sn_num_blocks": 1, "sn_pooling": "sum"},
-        "digits": {"epochs": 30, "learning_rate": 1e-3, "buffer_size": 1000, "num_steps": 20,
-                   "sn_filters": "32"},
-        "cifar": {"batch_size": 128, "epochs": 100, "sn_filters": "128,256,256",
-                  "sn_num_blocks": 2},
+        "*": {"backbone": {"conditional": True, "filters": 64, "num_blocks": 1,
+                           "pooling": "sum"},
+              "model": {"buffer_size": 10000, "reinit_probability": 0.05,
+                        "energy_l2_weight": 1.0},
+              "sampler": {"name": "sgld", "num_steps": 60, "step_size": 10.0,
+                          "noise_scale": 0.005, "gradient_clip": 0.01,
+                          "clip_range": (-1.0, 1.0)},
+              "optimizer": {"name": "adam", "learning_rate": 3e-4, "beta_1": 0.0,
+                            "beta_2": 0.999},
+              "data": {"augment": "none", "augment_px": False, "noise_scale": 0.0}},
+        "digits": {"run": {"epochs": 30}, "backbone": {"filters": 32},
+                   "model": {"buffer_size": 1000}, "sampler": {"num_steps": 20},
+                   "optimizer": {"learning_rate": 1e-3}},
+        "cifar": {"run": {"epochs": 100}, "backbone": {"filters": (128, 256, 256),
+                                                       "num_blocks": 2},
+                  "data": {"batch_size": 128}},
     },
 }
 
@@ -211,21 +369,98 @@ DATASET_FAMILIES = {
 }
 
 
-def register(model, presets):
-    """Adds the presets of a model defined outside keras_jem (see `fit.EXTRA_BUILDERS`)."""
-    PRESETS[model] = presets
+# === Flag values <-> keyword arguments ===
+# Four flags take another form on the command line than in the constructor.
+
+
+def _filters_flag(value):
+    return ",".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _filters_argument(text):
+    widths = [int(w) for w in str(text).split(",")]
+    return widths[0] if len(widths) == 1 else tuple(widths)
+
+
+def _num_blocks_flag(value):
+    if isinstance(value, (tuple, list)):
+        if len(set(value)) != 1:
+            raise ValueError(f"--sn_num_blocks takes one count for every stage. Received: {value}")
+        return int(value[0])
+    return int(value)
+
+
+# flag -> (keyword argument -> flag value, flag value -> keyword argument)
+CONVERSIONS = {
+    "norm": (lambda v: "none" if v is None else v, lambda v: None if v == "none" else v),
+    "clip_samples": (lambda v: v is not None, lambda v: (-1.0, 1.0) if v else None),
+    "sn_filters": (_filters_flag, _filters_argument),
+    "sn_num_blocks": (_num_blocks_flag, int),
+}
+_BY_KEY = {(flag.section, flag.key): name for name, flag in FLAGS.items()}
+
+
+def _source_default(flag):
+    """The default of `flag` in the signature of the class that owns it."""
+    import importlib
+
+    module, name = flag.source.split(":")
+    target = getattr(importlib.import_module(module), name)
+    return inspect.signature(target).parameters[flag.key].default
+
+
+def defaults():
+    """Flag values before any preset: the constructors' defaults, then `COMMON`."""
+    values = {name: _source_default(flag) for name, flag in FLAGS.items() if flag.source}
+    values = {name: CONVERSIONS[name][0](v) if name in CONVERSIONS else v
+              for name, v in values.items()}
+    values.update(_flatten(COMMON))
+    return {name: values[name] for name in FLAGS}
+
+
+def _flatten(preset):
+    """A nested preset (or an older flat one, keyed by flag) as flag values."""
+    flat = {}
+    for key, value in preset.items():
+        if key in SECTIONS:
+            for argument, item in value.items():
+                name = _BY_KEY.get((key, argument))
+                if name is None:
+                    raise ValueError(
+                        f"Preset section {key!r} has no setting {argument!r}. Known: "
+                        f"{sorted(a for s, a in _BY_KEY if s == key)}."
+                    )
+                flat[name] = CONVERSIONS[name][0](item) if name in CONVERSIONS else item
+        elif key in FLAGS:
+            flat[key] = value
+        else:
+            raise ValueError(
+                f"Unknown preset key {key!r}: expected a section ({', '.join(SECTIONS)}) or a "
+                "flag name."
+            )
+    return flat
+
+
+def _presets_of(model, dataset, mode):
+    presets = PRESETS[model]
+    family = DATASET_FAMILIES[dataset]
+    keys = ["*", family, dataset]
+    if mode is not None:
+        keys += [f"{family}:{mode}", f"{dataset}:{mode}"]
+    return [presets[key] for key in dict.fromkeys(keys) if key in presets]
 
 
 def resolve(model, dataset, overrides=None):
-    """The full configuration of a run: defaults < model < dataset < mode presets < overrides.
+    """The flag values of a run: defaults < model < dataset < mode presets < overrides.
 
     Args:
         model: a key of `PRESETS`.
         dataset: a dataset name.
-        overrides: dict of settings given by the user (None values are ignored).
+        overrides: dict of flag values given by the user (None values are ignored).
 
     Returns:
-        A dict with every key of `SETTINGS` plus "model" and "dataset".
+        A dict with every key of `FLAGS` plus "model" and "dataset". Flags of another model
+        (e.g. GMMC's `mode` for JEM) hold that model's own preset, unused.
     """
     if model not in PRESETS:
         raise ValueError(f"Unknown model {model!r}. Expected one of: {', '.join(PRESETS)}.")
@@ -236,18 +471,39 @@ def resolve(model, dataset, overrides=None):
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "mode" in overrides:
         overrides["mode"] = MODE_ALIASES.get(overrides["mode"], overrides["mode"])
-    config = dict(DEFAULTS)
-    presets = PRESETS[model]
-    family = DATASET_FAMILIES[dataset]
-    config.update(presets.get("*", {}))
-    config.update(presets.get(family, {}))
-    config.update(presets.get(dataset, {}))
-    mode = overrides.get("mode", config["mode"])
-    config.update(presets.get(f"{family}:{mode}", {}))
-    config.update(presets.get(f"{dataset}:{mode}", {}))
-    for key, value in overrides.items():
-        if value is not None:
-            config[key] = value
+    config = defaults()
+    for owner, names in MODEL_SETTINGS.items():
+        if owner != model:
+            owned = _flatten(PRESETS[owner].get("*", {}))
+            config.update({name: owned[name] for name in names if name in owned})
+    for preset in _presets_of(model, dataset, None):
+        config.update(_flatten(preset))
+    mode = overrides.get("mode", config["mode"]) if model == "gmmc" else config["mode"]
+    for preset in _presets_of(model, dataset, mode)[len(_presets_of(model, dataset, None)):]:
+        config.update(_flatten(preset))
+    config.update(overrides)
     config["model"] = model
     config["dataset"] = dataset
     return config
+
+
+def sections(config):
+    """The keyword arguments of a resolved config, by section (flags of other models left out).
+
+    Example:
+
+    >>> sections(resolve("jem", "digits"))["sampler"]["num_steps"]
+    20
+    """
+    model = config["model"]
+    foreign = {name for owner, names in MODEL_SETTINGS.items() if owner != model
+               for name in names}
+    nested = {section: {} for section in SECTIONS}
+    for name, flag in FLAGS.items():
+        if name in foreign:
+            continue
+        value = config[name]
+        nested[flag.section][flag.key] = (CONVERSIONS[name][1](value) if name in CONVERSIONS
+                                          else value)
+    nested["model"] = {key: nested["model"][key] for key in MODEL_ARGUMENTS[model]}
+    return nested

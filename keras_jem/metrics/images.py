@@ -4,6 +4,7 @@ import math
 import os
 
 import numpy as np
+import skimage.util
 
 
 def to_uint8(images):
@@ -65,7 +66,7 @@ def make_grid(images, num_cols=None, padding=1, scale=None, min_size=32, pad_val
         )
     if images.shape[0] == 0:
         raise ValueError("Cannot make a grid from zero images. Received: shape=" + str(images.shape))
-    num_images, height, width, channels = images.shape
+    num_images, height, width = images.shape[:3]
     if scale is None:
         scale = _default_scale(height, width, min_size)
     scale = int(scale)
@@ -76,33 +77,30 @@ def make_grid(images, num_cols=None, padding=1, scale=None, min_size=32, pad_val
     num_cols = max(1, min(int(num_cols), num_images))
     num_rows = math.ceil(num_images / num_cols)
 
-    tiles = to_uint8(images)
-    tiles = np.repeat(np.repeat(tiles, scale, axis=1), scale, axis=2)
-    tile_h, tile_w = height * scale, width * scale
-    grid = np.full(
-        (num_rows * (tile_h + padding) - padding, num_cols * (tile_w + padding) - padding, channels),
-        pad_value,
-        dtype=np.uint8,
-    )
-    for index in range(num_images):
-        row, col = divmod(index, num_cols)
-        top, left = row * (tile_h + padding), col * (tile_w + padding)
-        grid[top : top + tile_h, left : left + tile_w] = tiles[index]
-    return grid
+    # Nearest-neighbour upscaling by an integer factor: an exact repeat of each pixel.
+    tiles = np.repeat(np.repeat(to_uint8(images), scale, axis=1), scale, axis=2)
+    padding = int(padding)
+    grid = skimage.util.montage(tiles, fill=(pad_value,) * tiles.shape[-1], grid_shape=(num_rows, num_cols),
+                                padding_width=padding, channel_axis=-1)
+    # `montage` also pads the outer border; the grid has padding only between tiles.
+    if padding:
+        grid = grid[padding:-padding, padding:-padding]
+    return grid.astype(np.uint8)
 
 
 def save_png(array, path):
     """Save a uint8 `(H, W, C)` array (C in {1, 3}) as a PNG at `path` and return the path."""
-    from PIL import Image
+    import keras
 
     path = os.fspath(path)
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
     array = np.asarray(array, dtype=np.uint8)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    Image.fromarray(array).save(path, format="PNG")
+    if array.ndim == 2:
+        array = array[..., None]
+    keras.utils.save_img(path, array, data_format="channels_last", file_format="png",
+                         scale=False)
     return path
 
 

@@ -229,7 +229,7 @@ def robust_accuracy_curve(
     model, images, labels, epsilons, norm="linf", num_steps=20, step_size=None,
     random_start=True, num_restarts=1, epsilon_unit="pixel", data_range=(-1.0, 1.0),
     batch_size=100, seed=None, refine_steps=0, refine_chains=5, refine_init_noise=None,
-    refine_step_size=1.0, refine_noise=0.01,
+    refine_step_size=1.0, refine_noise=0.01, refine_gradient="straight_through",
 ):
     """Accuracy under PGD for a list of epsilons.
 
@@ -248,13 +248,16 @@ def robust_accuracy_curve(
         norm, num_steps, random_start, num_restarts, epsilon_unit, data_range, batch_size,
         seed: see `pgd_attack`.
         refine_steps: int, SGLD refinement steps applied inside the attacked classifier (JEM's
-            "JEM-n" protocol, see `RefinedLogits`); the attack differentiates through them.
-            Defaults to `0` (plain PGD on the logits).
+            "JEM-n" protocol, see `RefinedLogits`). Defaults to `0` (plain PGD on the logits).
         refine_chains: int, refined copies whose logits are averaged. JEM: `5`.
         refine_init_noise: float, std of the noise added to each copy before refining.
             Defaults to `None`: JEM's `0.03` for L-infinity, `0.0` for L2.
         refine_step_size: float, SGLD step. Defaults to `1.0`.
         refine_noise: float, SGLD noise. Defaults to `0.01`.
+        refine_gradient: how the attack differentiates through the refinement:
+            `"straight_through"` (JEM's `attack_model.py`, the SGLD updates are not
+            differentiated) or `"exact"` (through every step). Defaults to
+            `"straight_through"`.
 
     Returns:
         A JSON-serializable dict: the settings (`norm`, `epsilon_unit`, `epsilons`,
@@ -281,6 +284,7 @@ def robust_accuracy_curve(
         refined = refinement.RefinedLogits(
             model, refine_steps, num_chains=refine_chains, init_noise=refine_init_noise,
             step_size=refine_step_size, noise_scale=refine_noise, seed=seed,
+            gradient=refine_gradient,
         )
         model = refined
     logits_fn = refinement.as_logits_fn(model)

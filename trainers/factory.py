@@ -1,0 +1,138 @@
+"""The trainers' factory: model, backbone, sampler and optimizer objects from a resolved config.
+
+Each builder hands the keyword arguments of its section (`presets.sections`) straight to the
+constructor, so the constructors' own checks are the validation: a bad value stops here, before
+any data is loaded. `python -m trainers.fit` and `python -m tools.bench` build through it.
+
+Example:
+
+>>> from trainers import factory, presets
+>>> config = presets.resolve("jem", "digits", {"num_steps": 5})  # doctest: +SKIP
+>>> model = factory.build_model(config, num_classes=10)  # doctest: +SKIP
+"""
+
+from trainers import presets
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; raised before any data is loaded."""
+
+
+def _constructed(description, constructor, **kwargs):
+    """`constructor(**kwargs)`, its ValueError/TypeError re-raised as a ConfigError."""
+    try:
+        return constructor(**kwargs)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{description}: {error}") from error
+
+
+def build_sampler(config):
+    """The sampler of `config` (GMMC: the latent-target sampler)."""
+    from keras_jem import sampling
+
+    kwargs = presets.sections(config)["sampler"]
+    name = kwargs.pop("name")
+    if config["model"] == "gmmc":
+        cls = sampling.LatentTargetSampler
+        keys = ("num_steps", "step_size", "latent_noise", "inject", "clip_range")
+    elif name == "proximal":
+        cls = sampling.ProximalSGLD
+        keys = ("num_steps", "inner_steps", "step_size", "gradient_clip", "clip_range",
+                "noise_scale")
+    else:
+        cls = sampling.SGLD
+        keys = ("num_steps", "step_size", "noise_scale", "gradient_clip", "clip_range")
+    return _constructed(f"--sampler {name} ({cls.__name__})", cls,
+                        **{key: kwargs[key] for key in keys})
+
+
+def build_sam(config):
+    """`keras_jem.optimizers.SAM` of the "sam" section, or None when its radius is 0."""
+    from keras_jem.optimizers import SAM
+
+    kwargs = presets.sections(config)["sam"]
+    if not kwargs["rho"]:
+        return None
+    return _constructed("SAM (--sam_rho, --sam_adaptive)", SAM, **kwargs)
+
+
+def build_backbone(config, num_classes=None):
+    """The backbone of `config`: IGEBM's SNResNet, or SmallCNN / WideResNet by name."""
+    from keras_jem import backbones
+
+    kwargs = presets.sections(config)["backbone"]
+    name = kwargs.pop("name")
+    if config["model"] == "igebm":
+        conditional = kwargs.pop("conditional")
+        if conditional and num_classes is None:
+            raise ValueError("A conditional IGEBM backbone needs the number of classes.")
+        return _constructed("the IGEBM backbone (SNResNet)", backbones.SNResNet,
+                            filters=kwargs["filters"], num_blocks=kwargs["num_blocks"],
+                            num_classes=num_classes if conditional else None,
+                            dropout_rate=kwargs["dropout_rate"], pooling=kwargs["pooling"])
+    if name == "wrn":
+        return _constructed("--backbone wrn (WideResNet)", backbones.WideResNet,
+                            depth=kwargs["depth"], width=kwargs["width"], norm=kwargs["norm"],
+                            dropout_rate=kwargs["dropout_rate"])
+    return _constructed("--backbone small_cnn (SmallCNN)", backbones.SmallCNN,
+                        norm=kwargs["norm"], dropout_rate=kwargs["dropout_rate"])
+
+
+def model_class(name):
+    import keras_jem
+
+    return {"softmax": keras_jem.JEM, "jem": keras_jem.JEM, "jempp": keras_jem.JEMPP,
+            "sadajem": keras_jem.SADAJEM, "gmmc": keras_jem.GMMC, "igebm": keras_jem.IGEBM}[name]
+
+
+def build_model(config, num_classes, backbone=None):
+    """The (unbuilt) model of `config`: the "model" section plus backbone, sampler and SAM.
+
+    Args:
+        config: a resolved config (`presets.resolve`).
+        num_classes: int.
+        backbone: optional backbone to use instead of the one `config` describes (e.g. the
+            WRN variants `tools.bench` times).
+    """
+    name = config["model"]
+    cls = model_class(name)
+    kwargs = presets.sections(config)["model"]
+    if backbone is None:
+        backbone = build_backbone(config, num_classes)
+    sampler = build_sampler(config)
+    if name == "igebm":
+        return _constructed("--model igebm", cls, backbone=backbone, sampler=sampler,
+                            seed=config["seed"], **kwargs)
+    return _constructed(f"--model {name}", cls, backbone=backbone, num_classes=num_classes,
+                        sampler=sampler, sam=build_sam(config), seed=config["seed"], **kwargs)
+
+
+def parse_epochs(text):
+    """`"60,120"` -> `[60, 120]`; `""` -> `[]`."""
+    if text is None or str(text).strip() == "":
+        return []
+    try:
+        return sorted(int(e) for e in str(text).split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--decay_epochs must be comma-separated integers, e.g. '160,180'. Received: {text!r}"
+        ) from None
+
+
+def build_optimizer(config, steps_per_epoch):
+    """The Keras optimizer of the "optimizer" section with its warm-up/step schedule."""
+    import keras
+
+    from keras_jem.optimizers import WarmupPiecewiseConstant
+
+    kwargs = presets.sections(config)["optimizer"]
+    boundaries = [e * steps_per_epoch for e in parse_epochs(kwargs["decay_epochs"])]
+    schedule = WarmupPiecewiseConstant(
+        kwargs["learning_rate"], warmup_steps=kwargs["warmup_steps"], boundaries=boundaries,
+        factor=kwargs["decay_factor"],
+    )
+    extra = {"clipnorm": kwargs["clipnorm"]} if kwargs["clipnorm"] else {}
+    if kwargs["name"] == "sgd":
+        return keras.optimizers.SGD(schedule, momentum=kwargs["momentum"], **extra)
+    return keras.optimizers.Adam(schedule, beta_1=kwargs["beta_1"], beta_2=kwargs["beta_2"],
+                                 **extra)
