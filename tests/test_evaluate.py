@@ -75,7 +75,7 @@ def test_end_to_end_digits(digits_model_dir, tmp_path):
     assert _run(digits_model_dir, output_dir) == 0
     result = _load(output_dir)
     assert {name: task["status"] for name, task in result["tasks"].items()} == {
-        name: "ok" for name in evaluate.TASKS}
+        name: "ok" for name in evaluate.DEFAULT_TASKS}
     tasks = result["tasks"]
     accuracy = tasks["accuracy"]["results"]["accuracy"]
     assert 0.0 <= accuracy <= 1.0 and tasks["accuracy"]["settings"]["num_examples"] == 60
@@ -106,6 +106,29 @@ def test_end_to_end_digits(digits_model_dir, tmp_path):
     assert "AUROC" in report and "ECE (20 bins)" in report
     predictions = np.load(output_dir / "predictions.npz")
     assert predictions["correct"].shape == (60,)
+
+
+def test_saliency_task_and_tensorboard_summaries(digits_model_dir, tmp_path):
+    import tensorflow as tf
+
+    output_dir, logs = tmp_path / "eval", tmp_path / "logs"
+    assert _run(digits_model_dir, output_dir, "--tasks", "calibration,saliency",
+                "--saliency_baseline", digits_model_dir, "--saliency_images", "24",
+                "--tensorboard_dir", str(logs)) == 0
+    task = _load(output_dir)["tasks"]["saliency"]
+    assert task["status"] == "ok" and task["settings"]["num_images"] == 24
+    # The model and the baseline (here the same network) have the same vanilla maps
+    # (SmoothGrad draws its own noise per model).
+    assert set(task["results"]) == {"softmax", "jem"}
+    model, baseline = task["results"]["jem"]["vanilla"], task["results"]["softmax"]["vanilla"]
+    assert model["object_auroc"] == pytest.approx(baseline["object_auroc"], abs=1e-6)
+    assert {"vanilla", "smoothgrad"} <= set(task["results"]["jem"])
+    assert os.path.getsize(output_dir / "saliency.png") > 1000
+    tags = set()
+    for path in tf.io.gfile.glob(str(logs / "**" / "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(value.tag for value in event.summary.value)
+    assert {"calibration/reliability_diagram", "saliency/saliency"} <= tags, sorted(tags)
 
 
 def test_failing_task_keeps_the_others(digits_model_dir, tmp_path, monkeypatch):

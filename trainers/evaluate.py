@@ -34,24 +34,29 @@ import sys
 import time
 import traceback
 
+from trainers import console
 from trainers.evaluation import accuracy
 from trainers.evaluation import calibration
 from trainers.evaluation import generation
 from trainers.evaluation import ood
 from trainers.evaluation import robustness
+from trainers.evaluation import saliency
 from trainers.evaluation.context import DEFAULT_OOD_SETS
 from trainers.evaluation.context import EvaluationError
 from trainers.evaluation.context import parse_list
 from trainers.evaluation.context import prepare
 from trainers.evaluation.report import write_outputs
 
-TASKS = ("accuracy", "calibration", "ood", "robustness", "generation")
+TASKS = ("accuracy", "calibration", "ood", "robustness", "generation", "saliency")
+# What `--tasks` runs when not given (saliency, a study of its own, only when asked for).
+DEFAULT_TASKS = TASKS[:5]
 TASK_FUNCTIONS = {
     "accuracy": accuracy.task,
     "calibration": calibration.task,
     "ood": ood.task,
     "robustness": robustness.task,
     "generation": generation.task,
+    "saliency": saliency.task,
 }
 # JEM++'s L-infinity protocol (ALGORITHMS.md 3.5), in [0, 1] pixel units.
 DEFAULT_LINF_EPSILONS = "0,1/255,2/255,4/255,8/255,12/255,16/255,22/255,30/255"
@@ -81,7 +86,8 @@ def build_parser():
     )
     add = parser.add_argument
     add("--model_dir", required=True, help="directory written by trainers.fit")
-    add("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    add("--tasks", default=",".join(DEFAULT_TASKS),
+        help=f"comma-separated subset of {','.join(TASKS)}")
     add("--output_dir", default=None, help="where to write results (default MODEL_DIR/eval)")
     add("--checkpoint", default=None, help="a .keras file to evaluate instead of model.keras")
     add("--dataset", default=None, help="in-distribution dataset (default: config.json)")
@@ -146,6 +152,13 @@ def build_parser():
     add("--fid_top_k", type=float, default=0.9,
         help="buffer top-k per class for FID (SADA-JEM: 0.9)")
     add("--fid_image_size", type=int, default=299, help=argparse.SUPPRESS)
+    add("--saliency_baseline", default=None,
+        help="saliency: a trainers.fit run directory (e.g. runs/softmax) shown beside the model")
+    add("--saliency_images", type=int, default=450, help="saliency: test images measured")
+    add("--tensorboard_dir", default=None,
+        help="where the figures and numbers also go as TensorBoard summaries (default "
+             "MODEL_DIR/logs; 'none' writes none)")
+    add("--verbose", action="store_true", help="show TensorFlow's C++ log lines")
     return parser
 
 
@@ -160,7 +173,8 @@ def _validate_args(args):
         )
     args.tasks = [task for task in TASKS if task in tasks]
     for name in ("batch_size", "attack_steps", "attack_restarts", "attack_examples", "ece_bins",
-                 "num_samples", "refine_chains", "fid_reference_examples", "num_fresh_samples"):
+                 "num_samples", "refine_chains", "fid_reference_examples", "num_fresh_samples",
+                 "saliency_images"):
         if getattr(args, name) < 1:
             raise EvaluationError(f"--{name} must be >= 1. Received: {getattr(args, name)}")
     for name in ("num_examples", "ood_examples"):
@@ -224,6 +238,9 @@ def _validate_args(args):
     if args.input_noise is None:
         args.input_noise = float(config.get("test_noise_scale") or 0.0)
     args.output_dir = os.path.expanduser(args.output_dir or os.path.join(model_dir, "eval"))
+    if args.tensorboard_dir != "none":
+        args.tensorboard_dir = os.path.expanduser(
+            args.tensorboard_dir or os.path.join(model_dir, "logs"))
     return args
 
 
@@ -271,6 +288,14 @@ def run(args, argv):
         write_outputs(report, args.output_dir)
     report["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     path = write_outputs(report, args.output_dir)
+    if args.tensorboard_dir != "none":
+        from keras_jem import tensorboard
+
+        tensorboard.write_evaluation(
+            args.tensorboard_dir,
+            figures=tensorboard.find_figures(report["tasks"], args.output_dir),
+            scalars=report["tasks"], step=0)
+        print(f"[evaluate] TensorBoard summaries in {args.tensorboard_dir}", flush=True)
     print(f"[evaluate] wrote {path} and {os.path.join(args.output_dir, 'report.md')}")
     return 1 if failed else 0
 
@@ -281,6 +306,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         args = _validate_args(args)
+        console.setup(verbose=args.verbose)  # before anything imports TensorFlow
         return run(args, argv)
     except EvaluationError as error:
         print(f"error: {error}", file=sys.stderr)
