@@ -19,6 +19,7 @@ A backbone without a stem gets the general path of every sampler (full input gra
 """
 
 import keras
+import tensorflow as tf
 
 
 def check_image_shape(input_shape, owner):
@@ -36,6 +37,64 @@ def supports_stem(backbone):
     """Whether `backbone` exposes `stem` and `call_from_stem` (the proximal shortcut)."""
     return callable(getattr(backbone, "stem", None)) and callable(
         getattr(backbone, "call_from_stem", None))
+
+
+def check_backbone(backbone):
+    """`backbone` (deserialised if a config dict), or a clear error if it is not a layer."""
+    if isinstance(backbone, dict):
+        backbone = keras.saving.deserialize_keras_object(backbone)
+    if not isinstance(backbone, keras.layers.Layer):
+        raise ValueError(  # noqa: TRY004 (the models' constructors raise ValueError)
+            "`backbone` must be a Keras layer or model mapping images (batch, height, width, "
+            "channels) to features (batch, features), e.g. keras_jem.backbones.WideResNet(...), "
+            "a keras.Sequential or functional model, or keras.applications.ResNet50V2("
+            f"include_top=False, pooling='avg', weights=None). Received: {backbone!r}"
+        )
+    return backbone
+
+
+def output_feature_dim(backbone, call, image_shape):
+    """Runs `call(images)` (the backbone) on one zero image; returns the feature size.
+
+    Creates the backbone's variables, checks that its output is `(batch, features)` and that it
+    is differentiable with respect to the images (the samplers follow input gradients), and
+    raises an error that names the fix otherwise.
+
+    Args:
+        backbone: the backbone (for its name and optional `feature_dim`).
+        call: function of the images returning the features (a conditional model passes
+            labels).
+        image_shape: `(height, width, channels)`.
+    """
+    input_shape = (None,) + tuple(image_shape)
+    zeros = tf.zeros((1,) + tuple(image_shape))
+    with tf.GradientTape() as tape:
+        tape.watch(zeros)
+        features = call(zeros)
+    shape = tuple(features.shape)
+    if len(shape) != 2 or shape[-1] is None:
+        raise ValueError(
+            f"The backbone {backbone.name!r} maps images of shape {input_shape} to outputs of "
+            f"shape {shape}, but an energy model needs one feature vector per image: "
+            "(batch, features). Add global pooling at its end, e.g. keras.applications."
+            "ResNet50V2(include_top=False, pooling='avg'), or "
+            "keras.layers.GlobalAveragePooling2D() / keras.layers.Flatten() as its last layer."
+        )
+    feature_dim = int(shape[-1])
+    declared = getattr(backbone, "feature_dim", None)
+    if declared is not None and int(declared) != feature_dim:
+        raise ValueError(
+            f"The backbone {backbone.name!r} declares feature_dim={declared} but outputs "
+            f"{feature_dim} features."
+        )
+    if tape.gradient(features, zeros) is None:
+        raise ValueError(
+            f"The backbone {backbone.name!r} is not differentiable with respect to its input "
+            "images, which the samplers need (they follow the energy's input gradient). Remove "
+            "the layers that cut the gradient (integer casts, argmax, stop_gradient, lookups) "
+            "or move them into the data pipeline."
+        )
+    return feature_dim
 
 
 class Backbone(keras.layers.Layer):
