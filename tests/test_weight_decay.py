@@ -57,12 +57,13 @@ def test_mirrored_step_with_weight_decay_equals_single_device_step():
                     model.set_weights(weights)
                 model.compile(optimizer=keras.optimizers.SGD({LEARNING_RATE}),
                               jit_compile=False)
+            initial = model.get_weights()  # weights, replay buffer, seed state
             before = [np.array(v.numpy()) for v in model.trainable_variables]
             data = tf.data.Dataset.from_tensors((x, y)).repeat()
             with strategy.scope():
                 model.fit(data, epochs=1, steps_per_epoch=1, verbose=0)
             after = [np.array(v.numpy()) for v in model.trainable_variables]
-            return model.get_weights(), before, after
+            return initial, before, after
 
         weights, before, single = step(SINGLE, {WEIGHT_DECAY})
         _, _, single_plain = step(SINGLE, 0.0, weights)

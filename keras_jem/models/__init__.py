@@ -1,5 +1,6 @@
 """The JEM-family models, one public class per file."""
 
+from keras_jem.models.energy_model import EnergyModel
 from keras_jem.models.gmmc import GMMC
 from keras_jem.models.igebm import IGEBM
 from keras_jem.models.jem import JEM
