@@ -12,6 +12,7 @@ from keras_jem import sampling
 from keras_jem.backbones import SNResNet
 from keras_jem.backbones.layers import SpectralConv2D
 from keras_jem.models.igebm import IGEBM
+from keras_jem.optimizers import SAM
 from tests import testing
 
 
@@ -127,6 +128,15 @@ class EnergyTest(testing.TestCase):
             IGEBM(SNResNet(filters=8, num_classes=10), buffer_size=25)
         with self.assertRaisesRegex(ValueError, "energy_l2_weight"):
             IGEBM(SNResNet(filters=8), energy_l2_weight=-1.0)
+
+    def test_shared_training_options_round_trip(self):
+        # IGEBM takes the EnergyModel options every method shares (coupled weight decay, SAM).
+        model = IGEBM(SNResNet(filters=8), weight_decay=1e-3, sam=SAM(rho=0.1), seed=4)
+        config = model.get_config()
+        self.assertEqual((config["weight_decay"], config["seed"]), (1e-3, 4))
+        self.assertNotIn("num_classes", config)  # read from the backbone
+        loaded = IGEBM.from_config(config)
+        self.assertEqual((loaded.weight_decay, loaded.sam.rho), (1e-3, 0.1))
 
     def test_default_sampler_is_the_papers(self):
         model = IGEBM(SNResNet(filters=8))

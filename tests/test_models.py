@@ -10,6 +10,7 @@ import tensorflow as tf
 import keras_jem
 from keras_jem import callbacks as jem_callbacks
 from keras_jem import sampling
+from keras_jem.models.energy_model import Batch
 from keras_jem.optimizers import SAM
 from tests import testing
 
@@ -323,8 +324,8 @@ class SequentialPassesTest(testing.TestCase):
         results = {}
         for sequential in (True, False):
             model.sequential_passes = sequential
-            results[sequential] = model._compute_gradients(
-                x_ce, x_px, y, samples, None, same_stream, variables)
+            results[sequential] = model.compute_gradients(
+                Batch(x_ce, x_px, y, None), samples, variables)
         (g_seq, t_seq, l_seq), (g_one, t_one, l_one) = results[True], results[False]
         self.assertEqual(sorted(t_seq), sorted(t_one))
         for key in t_one:

@@ -1,12 +1,15 @@
-"""Backbones: `keras.layers.Layer`s mapping images (B, H, W, C) to features (B, feature_dim).
+"""Backbones: Keras layers mapping images (B, H, W, C) to features (B, feature_dim).
 
-Every backbone exposes `feature_dim`, `stem(x)` (the first convolution's output) and
-`call_from_stem(h, training=False)`, with `backbone(x) == backbone.call_from_stem(
+Any Keras layer or model with that output is a backbone (see `keras_jem.backbones.backbone`
+for the contract and the optional `stem` / `call_from_stem` capability). keras-jem's own
+backbones subclass `Backbone` and expose `feature_dim`, `stem(x)` (the first convolution's
+output) and `call_from_stem(h, training=False)`, with `backbone(x) == backbone.call_from_stem(
 backbone.stem(x))`.
 """
 
 import keras
 
+from keras_jem.backbones.backbone import Backbone
 from keras_jem.backbones.layers import FanInUniform
 from keras_jem.backbones.layers import SpectralConv2D
 from keras_jem.backbones.layers import TorchConv2D
@@ -72,6 +75,7 @@ def get(name, **kwargs):
 
 
 __all__ = [
+    "Backbone",
     "FanInUniform",
     "SNResBlock",
     "SNResNet",

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_jem.backbones import layers as backbone_layers
+from keras_jem.backbones.backbone import Backbone
 
 HEAD_ACTIVATIONS = (None, "relu", "leaky_relu", "swish")
 POOLINGS = ("sum", "mean")
@@ -165,7 +166,7 @@ class SNResBlock(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_jem")
-class SNResNet(keras.layers.Layer):
+class SNResNet(Backbone):
     """Spectrally normalised ResNet of IGEBM (Du & Mordatch, 2019), as a feature extractor.
 
     Maps images (B, H, W, C) and, for the conditional variant, labels `y` (alias `labels`) to
@@ -212,6 +213,10 @@ class SNResNet(keras.layers.Layer):
     >>> features = backbone(x, y=np.array([3, 7]))  # (2, 128)
     >>> same = backbone.call_from_stem(backbone.stem(x), y=np.array([3, 7]))
     """
+
+    # The spectrally normalised stem re-estimates its norm in training mode: not treated as a
+    # fixed affine map by the proximal sampler.
+    stem_is_affine = False
 
     def __init__(
         self,
@@ -272,24 +277,10 @@ class SNResNet(keras.layers.Layer):
                     )
                 )
 
-    def build(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 4:
-            raise ValueError(
-                "SNResNet expects images of shape (batch, height, width, channels). "
-                f"Received input_shape={input_shape}"
-            )
-        self.stem_conv.build(input_shape)
-        shape = self.stem_conv.compute_output_shape(input_shape)
+    def build_from_stem(self, shape):
         for block in self.blocks:
             block.build(shape)
             shape = block.compute_output_shape(shape)
-
-    def stem(self, x, training=False):
-        """Returns the output of the first (spectrally normalised) convolution."""
-        if not self.built:
-            self.build(tuple(x.shape))
-        return self.stem_conv(x, training=training)
 
     def call_from_stem(self, h, y=None, training=False, labels=None):
         """Runs the network from the stem output `h` to the features (B, feature_dim).
@@ -330,9 +321,6 @@ class SNResNet(keras.layers.Layer):
                 "(batch,) or one-hot/soft labels of shape (batch, num_classes)."
             )
         return ops.convert_to_tensor(y)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.feature_dim)
 
     def get_config(self):
         config = super().get_config()

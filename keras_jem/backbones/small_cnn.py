@@ -4,10 +4,11 @@ import keras
 from keras import ops
 
 from keras_jem.backbones import layers as backbone_layers
+from keras_jem.backbones.backbone import Backbone
 
 
 @keras.saving.register_keras_serializable(package="keras_jem")
-class SmallCNN(keras.layers.Layer):
+class SmallCNN(Backbone):
     """Small pre-activation CNN with the same contract as `WideResNet`.
 
     Layout: stem 3x3 conv (`filters[0]` channels) -> for each entry f of `filters`:
@@ -40,9 +41,6 @@ class SmallCNN(keras.layers.Layer):
     >>> features = backbone(np.zeros((4, 8, 8, 1), "float32"))  # (4, 128)
     >>> same = backbone.call_from_stem(backbone.stem(np.zeros((4, 8, 8, 1), "float32")))
     """
-
-    # The stem is one convolution: affine in x (ProximalSGLD relies on it).
-    stem_is_affine = True
 
     def __init__(
         self,
@@ -107,15 +105,8 @@ class SmallCNN(keras.layers.Layer):
             backbone_layers.TorchDense(feature_dim, name="dense") if self.use_dense else None
         )
 
-    def build(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 4:
-            raise ValueError(
-                "SmallCNN expects images of shape (batch, height, width, channels). "
-                f"Received input_shape={input_shape}"
-            )
-        self.stem_conv.build(input_shape)
-        shape = self.stem_conv.compute_output_shape(input_shape)
+    def build_from_stem(self, shape):
+        batch = shape[0]
         for norm, conv in zip(self.norms, self.convs):
             if norm is not None:
                 norm.build(shape)
@@ -126,16 +117,7 @@ class SmallCNN(keras.layers.Layer):
         if self.head_norm is not None:
             self.head_norm.build(shape)
         if self.dense is not None:
-            self.dense.build((input_shape[0], self.filters[-1]))
-
-    def stem(self, x, training=False):
-        """Returns the output of the first convolution (B, H, W, filters[0]).
-
-        `training` is accepted for a uniform backbone API; the stem has no training behaviour.
-        """
-        if not self.built:
-            self.build(tuple(x.shape))
-        return self.stem_conv(x)
+            self.dense.build((batch, self.filters[-1]))
 
     def call_from_stem(self, h, training=False):
         """Runs the network from the stem output `h` to the features (B, feature_dim)."""
@@ -156,12 +138,6 @@ class SmallCNN(keras.layers.Layer):
                 h = self.dropout(h, training=training)
             h = ops.leaky_relu(self.dense(h), negative_slope=slope)
         return h
-
-    def call(self, inputs, training=None):
-        return self.call_from_stem(self.stem(inputs), training=training)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.feature_dim)
 
     def get_config(self):
         config = super().get_config()

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_jem.backbones import layers as backbone_layers
+from keras_jem.backbones.backbone import Backbone
 
 
 @keras.saving.register_keras_serializable(package="keras_jem")
@@ -124,7 +125,7 @@ class WideResNetBlock(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_jem")
-class WideResNet(keras.layers.Layer):
+class WideResNet(Backbone):
     """Wide-ResNet backbone in the variant of the JEM-family reference code.
 
     Maps images (B, H, W, C) to features (B, 64 * width). Differences from the stock WRN
@@ -159,9 +160,6 @@ class WideResNet(keras.layers.Layer):
     >>> h = backbone.stem(np.zeros((2, 32, 32, 3), "float32"))  # (2, 32, 32, 16)
     >>> same = backbone.call_from_stem(h)
     """
-
-    # The stem is one convolution: affine in x (ProximalSGLD relies on it).
-    stem_is_affine = True
 
     def __init__(
         self, depth=28, width=10, norm=None, dropout_rate=0.0, leaky_relu_slope=0.2, **kwargs
@@ -201,29 +199,12 @@ class WideResNet(keras.layers.Layer):
             self.norm, self.feature_dim, name="head_norm"
         )
 
-    def build(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 4:
-            raise ValueError(
-                "WideResNet expects images of shape (batch, height, width, channels). "
-                f"Received input_shape={input_shape}"
-            )
-        self.stem_conv.build(input_shape)
-        shape = self.stem_conv.compute_output_shape(input_shape)
+    def build_from_stem(self, shape):
         for block in self.blocks:
             block.build(shape)
             shape = block.compute_output_shape(shape)
         if self.head_norm is not None:
             self.head_norm.build(shape)
-
-    def stem(self, x, training=False):
-        """Returns the output of the first convolution (B, H, W, 16).
-
-        `training` is accepted for a uniform backbone API; the stem has no training behaviour.
-        """
-        if not self.built:
-            self.build(tuple(x.shape))
-        return self.stem_conv(x)
 
     def call_from_stem(self, h, training=False):
         """Runs the network from the stem output `h` to the features (B, feature_dim)."""
@@ -233,12 +214,6 @@ class WideResNet(keras.layers.Layer):
             h = self.head_norm(h, training=training)
         h = ops.leaky_relu(h, negative_slope=self.leaky_relu_slope)
         return ops.mean(h, axis=(1, 2))
-
-    def call(self, inputs, training=None):
-        return self.call_from_stem(self.stem(inputs), training=training)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.feature_dim)
 
     def get_config(self):
         config = super().get_config()

@@ -1,12 +1,15 @@
 """GMMC: the generative Max-Mahalanobis classifier (Yang et al., ECML 2021)."""
 
+from typing import ClassVar
+
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_jem import distribute
 from keras_jem import energies
-from keras_jem.models.jem import JEM
+from keras_jem.models.energy_model import Batch
+from keras_jem.models.energy_model import EnergyModel
+from keras_jem.models.energy_model import batch_size
 from keras_jem.sampling.latent_target import LatentTargetSampler
 
 MODES = ("discriminative", "generative", "joint")
@@ -129,7 +132,7 @@ class EpochCounter(keras.callbacks.Callback):
 
 
 @keras.saving.register_keras_serializable(package="keras_jem")
-class GMMC(JEM):
+class GMMC(EnergyModel):
     """Generative Max-Mahalanobis classifier: an LDA head with fixed simplex centres.
 
     The backbone's features `phi(x)` are compared to fixed class centres `mu_k`
@@ -152,7 +155,8 @@ class GMMC(JEM):
     `px_images` is ignored (GMMC's data term needs the labels).
 
     Args:
-        backbone: a `keras_jem.backbones` layer; its `feature_dim` must be >= num_classes - 1.
+        backbone: a Keras layer or model mapping images to `(batch, features)`, with at least
+            `num_classes - 1` features.
         num_classes: number of classes.
         mode: `"discriminative"`, `"generative"` or `"joint"`.
         center_scale: norm of the class centres (GMMC `mu_c`: 10).
@@ -163,8 +167,10 @@ class GMMC(JEM):
         buffer_size: number of persistent chains, a multiple of `num_classes` (CIFAR-10:
             100000 generative, 50000 joint).
         reinit_probability: chain restart probability (generative 0.025, joint 0.05).
-        **kwargs: other `JEM` arguments (`energy_l2_weight`, `divergence_threshold`,
-            `weight_decay`, `sam`, `seed`, ...).
+        **kwargs: other `EnergyModel` arguments (`energy_l2_weight`, `divergence_threshold`,
+            `weight_decay`, `sam`, `seed`, `buffer_init`, ...). GMMC has no `px_weight`,
+            `pyx_weight`, `pxy_weight` or `conditional_sampling`: its loss is set by `mode`
+            and `beta`, and its chains are always class-conditional.
 
     Example:
 
@@ -176,7 +182,12 @@ class GMMC(JEM):
     >>> threes = model.sample(y=[3] * 16, num_steps=40)
     """
 
-    default_sampler_config = {"num_steps": 20, "step_size": 1.0, "latent_noise": 0.001}
+    default_sampler_class = LatentTargetSampler
+    default_sampler_config: ClassVar[dict] = {"num_steps": 20, "step_size": 1.0, "latent_noise": 0.001}
+    config_names = EnergyModel.config_names + ("mode", "center_scale", "beta",
+                                               "start_generative")
+    tracked_terms = ("loss", "loss_mmc", "energy_data", "energy_samples", "loss_ce")
+    samples_random_labels = True
 
     def __init__(
         self,
@@ -195,7 +206,7 @@ class GMMC(JEM):
             raise ValueError(f"Unknown GMMC `mode` {mode!r}. Expected one of {MODES}.")
         if isinstance(backbone, dict):
             backbone = keras.saving.deserialize_keras_object(backbone)
-        # Checks the centre constants and the feature dimension before building anything.
+        # Checks the centre constants (and a declared feature dimension) before building.
         max_mahalanobis_centers(num_classes, getattr(backbone, "feature_dim", num_classes),
                                 center_scale)
         if not beta >= 0:
@@ -205,26 +216,17 @@ class GMMC(JEM):
                 "`start_generative` must be a non-negative integer (an epoch). "
                 f"Received: start_generative={start_generative}"
             )
-        for unsupported in ("px_weight", "pyx_weight", "pxy_weight", "conditional_sampling"):
-            if unsupported in kwargs:
-                raise ValueError(
-                    f"GMMC does not take `{unsupported}`: its loss is set by `mode` "
-                    f"({MODES}) and `beta`."
-                )
-        # Read by `_build_head`, which JEM's constructor calls.
+        # Read by `_create_head`, which the base constructor calls.
         self.mode = mode
         self.center_scale = float(center_scale)
         super().__init__(
             backbone,
-            num_classes,
+            num_classes=int(num_classes),
             sampler=sampler,
             buffer_size=buffer_size,
             reinit_probability=reinit_probability,
             # Class blocks of the buffer: checks that buffer_size is a multiple of num_classes.
-            conditional_sampling=mode != "discriminative",
-            px_weight=0.0,
-            pyx_weight=1.0,
-            pxy_weight=0.0,
+            class_blocks=mode != "discriminative",
             **kwargs,
         )
         self.beta = float(beta)
@@ -232,16 +234,12 @@ class GMMC(JEM):
         self.epochs_trained = self.add_weight(
             name="epochs_trained", shape=(), dtype="int32", initializer="zeros", trainable=False
         )
-        self.mmc_loss_tracker = keras.metrics.Mean(name="loss_mmc")
 
-    def _default_sampler(self):
-        return LatentTargetSampler(**self.default_sampler_config)
-
-    def _build_head(self):
+    def _create_head(self):
         # float32 distances under a mixed-precision policy: with centres of norm 10 the squared
         # distances are ~100, beyond bfloat16's resolution for class differences.
-        return MaxMahalanobisHead(self.num_classes, self.center_scale, name="mahalanobis_head",
-                                  dtype="float32")
+        self.head = MaxMahalanobisHead(self.num_classes, self.center_scale,
+                                       name="mahalanobis_head", dtype="float32")
 
     # === What the latent-target sampler reads ===
 
@@ -280,24 +278,24 @@ class GMMC(JEM):
         kwargs["callbacks"] = callbacks
         return super().fit(*args, **kwargs)
 
-    def train_step(self, data):
-        _, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+    def training_batch(self, x, y, sample_weight):
         if y is None:
             raise ValueError(
                 "GMMC training needs labels in every mode (its energies are class energies): "
                 "the dataset must yield (images, labels)."
             )
-        return super().train_step(data)
+        images = self._images(x)
+        return Batch(images, images, y, sample_weight)
 
-    def _sample_for_step(self, x_px, y):
+    def draw_samples(self, batch):
         if self.mode == "discriminative":
             return {}
-        labels = tf.cast(tf.reshape(y, (-1,)), tf.int32)
-        batch_size = labels.shape[0] if labels.shape[0] is not None else tf.shape(labels)[0]
+        labels = tf.cast(tf.reshape(batch.labels, (-1,)), tf.int32)
+        size = batch_size(labels)
         seed = self._next_seed()
 
         def continue_chains():
-            return self._continue_chains(batch_size, labels, seed)
+            return self.continue_chains(size, labels, seed)
 
         if self.mode == "generative":
             return {"samples": continue_chains()}
@@ -305,18 +303,28 @@ class GMMC(JEM):
             "samples": tf.cond(
                 self.generative_phase(),
                 continue_chains,
-                lambda: tf.zeros(tf.concat([[batch_size], self.image_shape], 0), tf.float32),
+                lambda: tf.zeros(tf.concat([[size], self.image_shape], 0), tf.float32),
             )
         }
 
-    def _loss_terms(self, x_ce, x_px, y, samples, sample_weight, same_stream):
-        logits = self(x_ce, training=True)
+    def loss_passes(self, batch, samples):
+        """One pass: the MMC loss, and in the generative phase the sample energies.
+
+        The two network passes stay in one function (one tape) because the joint mode switches
+        the sample term on and off inside the graph (`tf.cond`).
+        """
+        return [lambda: self._loss(batch, samples)]
+
+    def _loss(self, batch, samples):
+        x, _, y, sample_weight = batch
+        logits = self(x, training=True)
         energy_data = energies.class_energy(logits, y)  # 1/2 ||phi(x) - mu_y||^2
         weighted = energy_data
         if sample_weight is not None:
             weighted = energy_data * tf.cast(tf.reshape(sample_weight, (-1,)), energy_data.dtype)
         loss_mmc = tf.reduce_mean(weighted)
-        terms = {"loss_mmc": loss_mmc, "energy_data": tf.reduce_mean(energy_data)}
+        values = {"loss_mmc": loss_mmc, "energy_data": tf.reduce_mean(energy_data),
+                  "logits": logits}
         total = loss_mmc
         if "samples" in samples:
 
@@ -340,89 +348,21 @@ class GMMC(JEM):
                 )
             else:
                 total, energy_samples = generative()
-            terms["energy_samples"] = energy_samples
-        terms["loss"] = total
-        return total, terms, logits
+            values["energy_samples"] = energy_samples
+        return total, values
 
-    def _update_metrics(self, terms, y, logits):
-        trackers = {
-            "loss": self.loss_tracker,
-            "loss_mmc": self.mmc_loss_tracker,
-            "energy_data": self.energy_data_tracker,
-            "energy_samples": self.energy_samples_tracker,
-        }
-        logs = {}
-        for name, tracker in trackers.items():
-            if name in terms:
-                tracker.update_state(terms[name])
-                logs[name] = tracker.result()
-        self.accuracy_tracker.update_state(y, logits)
-        self.diverged_tracker.update_state(self._diverged(terms))
-        logs["accuracy"] = self.accuracy_tracker.result()
-        logs["diverged"] = self.diverged_tracker.result()
+    def _update_metrics(self, terms, labels, logits):
+        logs = super()._update_metrics(terms, labels, logits)
         if self.mode == "joint":
             logs["generative"] = tf.cast(self.generative_phase(), tf.float32)
         return logs
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        logits = self(self._images(x), training=False)
-        self.mmc_loss_tracker.update_state(
-            energies.class_energy(logits, y), sample_weight=sample_weight
-        )
-        # Cross-entropy of the Gaussian posterior softmax(-1/2 ||phi - mu_k||^2), for
+        # loss_ce: cross-entropy of the Gaussian posterior softmax(-1/2 ||phi - mu_k||^2), for
         # comparison with the softmax models.
-        self.ce_loss_tracker.update_state(
-            keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True),
-            sample_weight=sample_weight,
-        )
-        self.accuracy_tracker.update_state(y, logits, sample_weight=sample_weight)
-        return distribute.replica_logs({
-            "loss_mmc": self.mmc_loss_tracker.result(),
-            "loss_ce": self.ce_loss_tracker.result(),
-            "accuracy": self.accuracy_tracker.result(),
+        return self._evaluate_classifier(x, y, sample_weight, {
+            "loss_mmc": energies.class_energy,
+            "loss_ce": lambda logits, y: keras.losses.sparse_categorical_crossentropy(
+                y, logits, from_logits=True),
         })
-
-    @property
-    def metrics(self):
-        return [
-            self.loss_tracker, self.mmc_loss_tracker, self.energy_data_tracker,
-            self.energy_samples_tracker, self.accuracy_tracker, self.diverged_tracker,
-            self.ce_loss_tracker,
-        ]
-
-    # === Sampling ===
-
-    def sample(self, num_samples=None, y=None, num_steps=None, x_init=None, from_buffer=False,
-               training=None, seed=None):
-        """Draws class-conditional samples (see `JEM.sample`).
-
-        GMMC always samples a class: without `y`, labels are drawn uniformly (from `seed`),
-        which samples `p(x)` under a uniform class prior.
-        """
-        if y is None:
-            if num_samples is None:
-                if x_init is None:
-                    raise ValueError("Pass `num_samples`, `y` or `x_init` to `sample`.")
-                num_samples = len(x_init)
-            y = np.random.default_rng(seed).integers(0, self.num_classes, int(num_samples))
-        return super().sample(
-            num_samples=num_samples, y=y, num_steps=num_steps, x_init=x_init,
-            from_buffer=from_buffer, training=training, seed=seed,
-        )
-
-    # === Config ===
-
-    def get_config(self):
-        config = super().get_config()
-        for name in ("px_weight", "pyx_weight", "pxy_weight", "conditional_sampling"):
-            config.pop(name, None)
-        config.update(
-            {
-                "mode": self.mode,
-                "center_scale": self.center_scale,
-                "beta": self.beta,
-                "start_generative": self.start_generative,
-            }
-        )
-        return config

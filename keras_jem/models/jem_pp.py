@@ -1,5 +1,7 @@
 """JEM++ (Yang & Ji, ICCV 2021): informative init, proximal sampler, BatchNorm."""
 
+from typing import ClassVar
+
 import keras
 
 from keras_jem import sampling
@@ -20,8 +22,10 @@ class JEMPP(JEM):
     - `sample_in_training_mode=True`: BatchNorm stays in training mode while sampling, which the
       informative init makes stable (use a backbone with `norm="batch"`).
 
-    The paper trains with SGD (momentum 0.9, lr 0.1, weight decay 4e-4, warm-up 1000 iterations,
-    lr x0.2 at epochs 50, 100, 125 of 150); see `trainers.presets`.
+    The paper trains with SGD (momentum 0.9, lr 0.1, coupled weight decay 4e-4, warm-up 1000
+    iterations, lr x0.2 at epochs 50, 100, 125 of 150); see `trainers.presets`. The weight decay
+    is the model's `weight_decay` argument (PyTorch's coupled decay, through momentum), not
+    Keras' decoupled `SGD(weight_decay=...)`, which is about 10x weaker with momentum 0.9.
 
     Args:
         backbone: a `keras_jem.backbones` layer (JEM++ uses `WideResNet(norm="batch")`).
@@ -31,11 +35,17 @@ class JEMPP(JEM):
     Example:
 
     >>> model = keras_jem.JEMPP(
-    ...     backbone=keras_jem.backbones.WideResNet(28, 10, norm="batch"), num_classes=10)
+    ...     backbone=keras_jem.backbones.WideResNet(28, 10, norm="batch"), num_classes=10,
+    ...     weight_decay=4e-4)
     >>> model.adapt_buffer(train_images, train_labels)
-    >>> model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=4e-4))
+    >>> model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
     >>> model.fit(train_ds, epochs=150, steps_per_epoch=703)
     """
+
+    default_sampler_class = sampling.ProximalSGLD
+    default_sampler_config: ClassVar[dict] = {
+        "num_steps": 10, "inner_steps": 5, "step_size": 0.2, "gradient_clip": 1.0,
+        "clip_range": (-1.0, 1.0)}
 
     def __init__(
         self,
@@ -53,9 +63,4 @@ class JEMPP(JEM):
             buffer_init=buffer_init,
             sample_in_training_mode=sample_in_training_mode,
             **kwargs,
-        )
-
-    def _default_sampler(self):
-        return sampling.ProximalSGLD(
-            num_steps=10, inner_steps=5, step_size=0.2, gradient_clip=1.0, clip_range=(-1.0, 1.0)
         )

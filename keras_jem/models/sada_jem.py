@@ -1,5 +1,7 @@
 """SADA-JEM (Yang, Su & Ji, CVPR 2023): sharpness-aware, augmentation kept out of p(x)."""
 
+from typing import ClassVar
+
 import keras
 
 from keras_jem.models.jem import JEM
@@ -21,6 +23,9 @@ class SADAJEM(JEM):
     - `buffer_init="gaussian_mixture"` (call `adapt_buffer` before `fit`).
     - `divergence_threshold=1e5`.
 
+    The paper's SGD uses a coupled weight decay of 5e-4: pass it as the model's `weight_decay`
+    (through momentum, as PyTorch), not as Keras' decoupled `SGD(weight_decay=...)`.
+
     Data augmentation belongs to the cross-entropy stream only: train on
     `keras_jem.data.make_train_dataset(..., augment="crop_flip", augment_px=False,
     batch_size=128, px_batch_size=64)`, which yields `{"images": augmented, "px_images": clean}`.
@@ -33,13 +38,14 @@ class SADAJEM(JEM):
     Example:
 
     >>> model = keras_jem.SADAJEM(
-    ...     backbone=keras_jem.backbones.WideResNet(28, 10, norm="batch"), num_classes=10)
+    ...     backbone=keras_jem.backbones.WideResNet(28, 10, norm="batch"), num_classes=10,
+    ...     weight_decay=5e-4)
     >>> model.adapt_buffer(train_images, train_labels)
-    >>> model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=5e-4))
+    >>> model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
     >>> model.fit(train_ds, epochs=200, steps_per_epoch=390)
     """
 
-    default_sampler_config = {
+    default_sampler_config: ClassVar[dict] = {
         "num_steps": 5,
         "step_size": 1.0,
         "noise_scale": 0.0,

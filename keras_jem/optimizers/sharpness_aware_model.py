@@ -3,13 +3,11 @@
 import keras
 import tensorflow as tf
 
+from keras_jem.optimizers.gradient_steps import add_coupled_weight_decay
+from keras_jem.optimizers.gradient_steps import non_trainable_state  # noqa: F401 (old path)
+from keras_jem.optimizers.gradient_steps import sharpness_aware_gradients
 from keras_jem.optimizers.sam import SAM
 from keras_jem.optimizers.sam import deserialize
-
-
-def non_trainable_state(layer):
-    """Non-trainable variables that a forward pass in training mode updates (BatchNorm moments)."""
-    return [v for v in layer.non_trainable_variables if "moving" in v.path or "running" in v.path]
 
 
 @keras.saving.register_keras_serializable(package="keras_jem")
@@ -27,6 +25,8 @@ class SharpnessAwareModel(keras.Model):
     Args:
         model: the Keras model to train.
         sam: a `SAM` instance (default `SAM(rho=0.05)`).
+        weight_decay: coupled L2 weight decay added to the gradients before the optimizer
+            (PyTorch's `SGD(weight_decay=...)`; see `add_coupled_weight_decay`), 0 for none.
 
     Example:
 
@@ -35,10 +35,14 @@ class SharpnessAwareModel(keras.Model):
     >>> model.fit(x, y)
     """
 
-    def __init__(self, model, sam=None, **kwargs):
+    def __init__(self, model, sam=None, weight_decay=0.0, **kwargs):
         super().__init__(**kwargs)
+        if not weight_decay >= 0:
+            raise ValueError(
+                f"`weight_decay` must be non-negative. Received: weight_decay={weight_decay}")
         self.model = model
         self.sam = deserialize(sam) or SAM()
+        self.weight_decay = float(weight_decay)
 
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
@@ -56,16 +60,17 @@ class SharpnessAwareModel(keras.Model):
             loss, y_pred = self._loss(x, y, sample_weight)
             scaled = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, variables)
-        backup = self.sam.perturb(variables, gradients)
-        moments = non_trainable_state(self.model)
-        saved_moments = [tf.identity(v) for v in moments]
-        with tf.GradientTape() as tape:
-            perturbed_loss, _ = self._loss(x, y, sample_weight)
-            perturbed_loss = self.optimizer.scale_loss(perturbed_loss)
-        gradients = tape.gradient(perturbed_loss, variables)
-        self.sam.restore(variables, backup)
-        for variable, value in zip(moments, saved_moments):
-            variable.assign(value)
+
+        def perturbed_gradients():
+            with tf.GradientTape() as tape:
+                perturbed_loss, _ = self._loss(x, y, sample_weight)
+                perturbed_loss = self.optimizer.scale_loss(perturbed_loss)
+            return tape.gradient(perturbed_loss, variables)
+
+        gradients = sharpness_aware_gradients(
+            self.sam, variables, gradients, perturbed_gradients, self.model)
+        gradients = add_coupled_weight_decay(
+            self.optimizer, gradients, variables, self.weight_decay)
         self.optimizer.apply(gradients, variables)
         return self.compute_metrics(x, y, y_pred, sample_weight)
 
@@ -75,6 +80,7 @@ class SharpnessAwareModel(keras.Model):
             {
                 "model": keras.saving.serialize_keras_object(self.model),
                 "sam": keras.saving.serialize_keras_object(self.sam),
+                "weight_decay": self.weight_decay,
             }
         )
         return config

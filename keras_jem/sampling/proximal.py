@@ -22,9 +22,10 @@ class ProximalSGLD(Sampler):
        *clip_range)`;
     3. optional Gaussian noise (`noise_scale`, 0 in the paper) after the inner loop.
 
-    The target must expose `stem(x)` and `energy_from_stem(h, y=None, training=False)` (every
-    keras-jem backbone-based model does). A target without them gets the plain clipped gradient of
-    its energy in place of the stem gradient.
+    The target may expose `stem(x)` and `energy_from_stem(h, y=None, training=False)` (a keras-jem
+    model does when its backbone has `stem` / `call_from_stem`, see `supports_stem`). A target
+    without them gets the general path: the stem is taken to be the identity (affine), so the
+    inner direction is the clipped input gradient of the energy at the start of the outer step.
 
     When the target's stem is affine (`target.stem_is_affine`: one convolution, as in every
     keras-jem backbone), `grad_x <stem(x), p> = J_stem^T p = grad_x E(x)` at the start of the
@@ -83,11 +84,7 @@ class ProximalSGLD(Sampler):
         if seed is None:
             seed = tf.random.uniform((2,), maxval=2**31 - 1, dtype=tf.int64)
         # An affine stem's inner gradient does not depend on x (see the class docstring).
-        has_stem = (
-            hasattr(target, "stem")
-            and hasattr(target, "energy_from_stem")
-            and not getattr(target, "stem_is_affine", False)
-        )
+        has_stem = _supports_stem(target) and not getattr(target, "stem_is_affine", False)
 
         def outer(i, x):
             if has_stem:
@@ -147,3 +144,11 @@ class ProximalSGLD(Sampler):
             }
         )
         return config
+
+
+def _supports_stem(target):
+    """Whether `target` has a usable stem (its `supports_stem`, else both methods exist)."""
+    supported = getattr(target, "supports_stem", None)
+    if supported is not None:
+        return bool(supported)
+    return hasattr(target, "stem") and hasattr(target, "energy_from_stem")
