@@ -37,7 +37,8 @@ class ClippedAdamTest(testing.TestCase):
         gradients = [rng.normal(scale=0.05, size=(3, 4)) for _ in range(6)]
         gradients.append(np.full((3, 4), 5.0))
         gradients.append(rng.normal(scale=0.05, size=(3, 4)))
-        args = dict(lr=0.01, beta_1=0.5, beta_2=0.9, epsilon=1e-8, clip_std=3.0, clip_offset=0.1)
+        args = {"lr": 0.01, "beta_1": 0.5, "beta_2": 0.9, "epsilon": 1e-8, "clip_std": 3.0,
+                "clip_offset": 0.1}
         expected = _reference(w0, gradients, **args)
         got = self._run(
             ClippedAdam(
