@@ -82,7 +82,7 @@ def test_cli_tiny_run_and_bad_flag(tmp_path):
     env = dict(os.environ, PYTHONPATH=testing.REPO)
     bad = subprocess.run(
         [sys.executable, "-m", "trainers.trajectories", "--horizons", "0,5"],
-        capture_output=True, text=True, env=env, cwd=testing.REPO, timeout=60,
+        check=False, capture_output=True, text=True, env=env, cwd=testing.REPO, timeout=60,
     )
     assert bad.returncode != 0 and "positive integers" in bad.stderr
     out = tmp_path / "run"
@@ -90,7 +90,8 @@ def test_cli_tiny_run_and_bad_flag(tmp_path):
         [sys.executable, "-m", "trainers.trajectories", "--model_dir", str(out),
          "--num_trajectories", "40", "--train_steps", "5", "--epochs", "1", "--num_eval", "30",
          "--horizons", "1,4", "--langevin_steps", "2", "--hidden_units", "16"],
-        capture_output=True, text=True, env=env, cwd=testing.REPO, timeout=300,
+        check=False, capture_output=True, text=True, env=env, cwd=testing.REPO,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((out / "trajectories.json").read_text())

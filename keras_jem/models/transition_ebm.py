@@ -79,7 +79,7 @@ class TransitionEBM(keras.Model):
             num_steps=20, step_size=0.05, noise_scale=0.01, gradient_clip=1.0
         )
         if not isinstance(self.sampler, sampling.Sampler):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 (ValueError is the keras-jem API's error here)
                 f"`sampler` must be a keras_jem.sampling.Sampler. Received: {sampler!r}"
             )
         self.init_noise = float(init_noise)
