@@ -5,3 +5,4 @@ from keras_jem.optimizers.gradient_steps import sharpness_aware_gradients
 from keras_jem.optimizers.sam import SAM
 from keras_jem.optimizers.schedules import WarmupPiecewiseConstant
 from keras_jem.optimizers.sharpness_aware_model import SharpnessAwareModel
+from keras_jem.optimizers.clipped_adam import ClippedAdam

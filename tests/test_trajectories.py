@@ -1,0 +1,101 @@
+"""TransitionEBM and `trainers.trajectories` against answers known in advance."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+
+from keras_jem import sampling
+from keras_jem.models.transition_ebm import TransitionEBM
+from tests import testing
+
+
+class ScaledSquaredStep(keras.layers.Layer):
+    """E(z_t, z_next) = w * (||z_next - z_t||^2 + z_next[0]) with one trainable scalar w."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(), initializer=keras.initializers.Constant(0.5))
+
+    def call(self, pair):
+        z_t, z_next = keras.ops.split(pair, 2, axis=-1)
+        gap = keras.ops.sum(keras.ops.square(z_next - z_t), axis=-1, keepdims=True)
+        return self.w * (gap + z_next[:, :1])
+
+
+def _quadratic_model(sampler, init_noise=0.0, energy_l2_weight=1.0):
+    network = keras.Sequential([ScaledSquaredStep()])
+    model = TransitionEBM(state_dim=2, energy_network=network, sampler=sampler,
+                          init_noise=init_noise, energy_l2_weight=energy_l2_weight, seed=3)
+    model.adapt(np.array([[0.0, 10.0], [2.0, 14.0]], np.float32))  # mean (1, 12), std (1, 2)
+    model.build()
+    return model
+
+
+class TransitionEBMTest(testing.TestCase):
+    def test_langevin_prediction_lands_on_the_energy_minimum(self):
+        # The minimum of w (||z_next - z_t||^2 + z_next[0]) is z_next = z_t - (0.5, 0), i.e.
+        # s_next = s_t - (0.5 * std_0, 0) = s_t - (0.5, 0); chains start 1 std away.
+        sampler = sampling.SGLD(num_steps=60, step_size=0.2, noise_scale=0.0)
+        model = _quadratic_model(sampler, init_noise=1.0)
+        states = np.array([[0.5, 11.0], [3.0, 9.0], [-1.0, 20.0]], np.float32)
+        predicted = testing.to_numpy(model.predict_next(states))
+        # Each step shrinks the gap by (1 - 0.2 * 2 * 0.5) = 0.8: 0.8^60 ~ 1.5e-6 stds remain.
+        minimum = states - np.array([0.5, 0.0], np.float32)
+        self.assertAllClose(predicted, minimum, atol=1e-4)
+        start = model.rollout(states, num_steps=3)
+        self.assertEqual(start.shape, (3, 4, 2))
+        self.assertAllClose(start[:, 3], states - np.array([1.5, 0.0]), atol=1e-4)
+
+    def test_one_training_step_matches_the_formula(self):
+        # No sampler steps and no start noise: the negatives are s_t itself.
+        model = _quadratic_model(sampling.SGLD(num_steps=0), energy_l2_weight=0.7)
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1))
+        s_t = np.array([[0.0, 12.0], [1.0, 10.0]], np.float32)
+        s_next = np.array([[1.0, 12.0], [1.0, 16.0]], np.float32)
+        # Standardised: z_t = (-1, 0), (0, -1); z_next = (0, 0), (0, 2). Positives: gaps 1 and 9,
+        # z_next[0] = 0, 0 -> a = (1, 9). Negatives (z_next = z_t): gap 0, z_t[0] = -1, 0 -> b.
+        a, b, w = np.array([1.0, 9.0]), np.array([-1.0, 0.0]), 0.5
+        second = (a**2).mean() + (b**2).mean()
+        loss = w * a.mean() - w * b.mean() + 0.7 * w**2 * second
+        gradient = a.mean() - b.mean() + 0.7 * 2 * w * second
+        logs = model.train_on_batch(s_t, s_next, return_dict=True)
+        self.assertAllClose(logs["loss"], loss, rtol=1e-5)
+        self.assertAllClose(logs["energy_samples"], w * b.mean(), atol=1e-6)
+        new_w = testing.to_numpy(model.energy_network.layers[0].w)
+        self.assertAllClose(new_w, w - 0.1 * gradient, rtol=1e-5)
+
+    def test_config_round_trip_and_errors(self):
+        model = TransitionEBM(state_dim=8, init_noise=0.2, seed=4)
+        restored = TransitionEBM.from_config(model.get_config())
+        self.assertEqual((restored.state_dim, restored.init_noise, restored.seed), (8, 0.2, 4))
+        self.assertEqual(restored.sampler.get_config(), model.sampler.get_config())
+        with self.assertRaisesRegex(ValueError, "needs the current state"):
+            model.energy(np.zeros((1, 8), np.float32))
+        with self.assertRaisesRegex(ValueError, "state_dim"):
+            TransitionEBM(state_dim=0)
+
+
+def test_cli_tiny_run_and_bad_flag(tmp_path):
+    env = dict(os.environ, PYTHONPATH=testing.REPO)
+    bad = subprocess.run(
+        [sys.executable, "-m", "trainers.trajectories", "--horizons", "0,5"],
+        check=False, capture_output=True, text=True, env=env, cwd=testing.REPO, timeout=60,
+    )
+    assert bad.returncode != 0 and "positive integers" in bad.stderr
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "trainers.trajectories", "--model_dir", str(out),
+         "--num_trajectories", "40", "--train_steps", "5", "--epochs", "1", "--num_eval", "30",
+         "--horizons", "1,4", "--langevin_steps", "2", "--hidden_units", "16"],
+        check=False, capture_output=True, text=True, env=env, cwd=testing.REPO,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "trajectories.json").read_text())
+    for name in ("energy_model", "regression"):
+        assert set(report["frechet"][name]) == {"1", "4"}
+        assert all(np.isfinite(v) and v >= 0 for v in report["frechet"][name].values())
+    assert (out / "rollout.png").stat().st_size > 1000
