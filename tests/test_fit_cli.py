@@ -53,7 +53,7 @@ def run_cli(args, timeout=600):
          "`width` must be a positive integer"),
         (["--model", "igebm", "--sn_filters", "32,x"], "--sn_filters must be a positive width"),
         (["--model", "igebm", "--sn_pooling", "max"], "Unknown `pooling`: 'max'"),
-        (["--model", "igebm", "--buffer_size", "1001"], "is not a multiple of 10"),
+        (["--model", "igebm", "--buffer_size", "1001"], "not a multiple of 10"),
     ],
 )
 def test_bad_flags_stop_before_any_work(tmp_path, args, expected, capsys):

@@ -406,7 +406,13 @@ def _source_default(flag):
 
     module, name = flag.source.split(":")
     target = getattr(importlib.import_module(module), name)
-    return inspect.signature(target).parameters[flag.key].default
+    # A subclass may take the argument through **kwargs (JEM -> EnergyModel): the first class
+    # in the MRO whose __init__ names it owns the default.
+    for owner in inspect.getmro(target) if inspect.isclass(target) else (target,):
+        parameters = inspect.signature(owner).parameters
+        if flag.key in parameters:
+            return parameters[flag.key].default
+    raise KeyError(f"{flag.source} takes no argument {flag.key!r} (flag source out of date).")
 
 
 def defaults():
