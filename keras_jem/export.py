@@ -306,12 +306,26 @@ def write_warmup_requests(path, image_shape, image_feature_key="image", batch_si
     return len(records)
 
 
-def list_versions(export_dir):
-    """Sorted integer versions present under `export_dir` (hidden temporary dirs excluded)."""
-    if not os.path.isdir(export_dir):
-        return []
+def list_versions(export_dir, missing_ok=True):
+    """Sorted integer versions present under `export_dir` (hidden temporary dirs excluded).
+
+    The one version-directory scan of the project: the exporter numbers new versions with it
+    and `serving.model_manager` polls with it.
+
+    Args:
+        export_dir: a model's base path.
+        missing_ok: return `[]` when `export_dir` cannot be listed (missing, not a directory,
+            no permission); with False, raise the `OSError` instead, so that a poller can tell
+            "no versions" from "could not look".
+    """
+    try:
+        names = os.listdir(export_dir)
+    except OSError:
+        if missing_ok:
+            return []
+        raise
     versions = []
-    for name in os.listdir(export_dir):
+    for name in names:
         if name.isascii() and name.isdigit() and os.path.isdir(os.path.join(export_dir, name)):
             versions.append(int(name))
     return sorted(versions)
