@@ -138,6 +138,8 @@ class ModelManager:
                         self._models.pop(state.config.name, None)
                     for servable in state.served.values():
                         servable.unload(self.drain_seconds)
+                    if self.on_change is not None:
+                        self.on_change(state.config.name, False)
             for config in configs or ():
                 with self._lock:
                     state = self._models.get(config.name)
