@@ -147,13 +147,17 @@ def tensor_proto_to_numpy(proto, name="tensor", max_bytes=DEFAULT_MAX_TENSOR_BYT
         flat[:] = list(values)
     elif proto.dtype == types_pb2.DT_HALF:
         flat = np.array(values, dtype=np.uint16).view(np.float16)
-    else:
-        try:
-            flat = np.array(values, dtype=dtype)
-        except OverflowError:
+    elif dtype.kind in "iu" and dtype.itemsize < 4 and len(values):
+        wide = np.array(values, dtype=np.int64)  # int_val is int32: check the narrow types
+        info = np.iinfo(dtype)
+        if wide.min() < info.min or wide.max() > info.max:
             raise invalid(
-                f"Input '{name}' holds values out of range for {dtype_name(proto.dtype)}."
-            ) from None
+                f"Input '{name}' holds values out of range for {dtype_name(proto.dtype)} "
+                f"([{info.min}, {info.max}])."
+            )
+        flat = wide.astype(dtype)
+    else:
+        flat = np.array(values, dtype=dtype)
     if len(flat) < count:  # TensorFlow's short forms: no values = zeros, else repeat the last
         fill = flat[-1] if len(flat) else (b"" if dtype.kind == "O" else 0)
         full = np.empty(count, dtype=dtype)
