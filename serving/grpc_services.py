@@ -4,13 +4,22 @@ import asyncio
 import logging
 
 import grpc
+from google.protobuf import message
 from grpc_health.v1 import health
 from grpc_health.v1 import health_pb2
+from tensorflow_serving.apis import classification_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import inference_pb2
+from tensorflow_serving.apis import model_management_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
+from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
+from tensorflow_serving.apis import regression_pb2
 
 from serving.errors import ServingError
 from serving.errors import internal
+from serving.errors import invalid
 
 logger = logging.getLogger("serving.grpc")
 
@@ -24,12 +33,36 @@ def _timeout(context, cap=3600.0):
     return cap if remaining is None else max(0.0, min(remaining, cap))
 
 
+class _Malformed:
+    """What the request deserializer returns for bytes that are not the expected message."""
+
+    def __init__(self, message_type, error):
+        self.message_type, self.error = message_type, error
+
+
+def _deserializer(message_type):
+    # grpc.aio answers a deserializer exception with UNKNOWN and the exception's text; a
+    # malformed message is the client's error: INVALID_ARGUMENT, with no internal text.
+    def deserialize(data):
+        try:
+            return message_type.FromString(data)
+        except message.DecodeError as e:
+            return _Malformed(message_type, e)
+
+    return deserialize
+
+
 def _grpc_call(method):
     """Wraps an async servicer method: a ServingError becomes the call's gRPC status; any
     other exception is logged and answered INTERNAL without its text."""
 
     async def handler(self, request, context):
         try:
+            if isinstance(request, _Malformed):
+                raise invalid(
+                    f"The request is not a valid {request.message_type.DESCRIPTOR.full_name} "
+                    "message (protobuf decoding failed)."
+                )
             return await method(self, request, context)
         except ServingError as e:
             await context.abort(e.code, e.message)
@@ -39,6 +72,37 @@ def _grpc_call(method):
 
     handler.__name__ = method.__name__
     return handler
+
+
+_METHODS = {
+    "tensorflow.serving.PredictionService": {
+        "Predict": (predict_pb2.PredictRequest, "prediction"),
+        "Classify": (classification_pb2.ClassificationRequest, "prediction"),
+        "GetModelMetadata": (get_model_metadata_pb2.GetModelMetadataRequest, "prediction"),
+        "Regress": (regression_pb2.RegressionRequest, "prediction"),
+        "MultiInference": (inference_pb2.MultiInferenceRequest, "prediction"),
+    },
+    "tensorflow.serving.ModelService": {
+        "GetModelStatus": (get_model_status_pb2.GetModelStatusRequest, "model"),
+        "HandleReloadConfigRequest": (model_management_pb2.ReloadConfigRequest, "model"),
+    },
+}
+
+
+def add_services(server, core):
+    """Register PredictionService and ModelService on a `grpc.aio` server, with request
+    deserializers that turn undecodable bytes into INVALID_ARGUMENT."""
+    servicers = {"prediction": PredictionServicer(core), "model": ModelServicer(core)}
+    for service, methods in _METHODS.items():
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(
+                getattr(servicers[owner], name),
+                request_deserializer=_deserializer(request_type),
+                response_serializer=lambda response: response.SerializeToString(),
+            )
+            for name, (request_type, owner) in methods.items()
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):

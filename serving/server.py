@@ -48,8 +48,6 @@ import threading
 import time
 
 import grpc
-from tensorflow_serving.apis import model_service_pb2_grpc
-from tensorflow_serving.apis import prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.batching import Batcher  # noqa: F401 (public name of the old single module)
@@ -60,8 +58,9 @@ from serving.config import read_ssl_config_file
 from serving.core import ServingCore
 from serving.errors import ServingError  # noqa: F401
 from serving.grpc_services import ModelHealth
-from serving.grpc_services import ModelServicer
-from serving.grpc_services import PredictionServicer
+from serving.grpc_services import ModelServicer  # noqa: F401
+from serving.grpc_services import PredictionServicer  # noqa: F401
+from serving.grpc_services import add_services
 from serving.model_manager import ModelManager
 from serving.model_manager import ServableVersion  # noqa: F401
 from serving.rest import RestApi
@@ -322,10 +321,7 @@ class ModelServer:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=self.max_concurrent_rpcs)
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.core), server
-        )
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.core), server)
+        add_services(server, self.core)
         self.health.add_to_server(server)
         for name, versions in self.manager.served_summary().items():
             await self.health.servicer.set(
