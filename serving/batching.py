@@ -68,6 +68,10 @@ class Batcher:
         allowed_batch_sizes: optional increasing sizes, the last equal to `max_batch_size`;
             each batch is padded (repeating its last row) up to the next of them, so that a
             compiled (XLA) model sees few distinct shapes.
+        close_when_idle: close the open batch at once whenever no batch is running, instead
+            of waiting `timeout` for more requests; requests arriving while a batch runs still
+            gather into the next one. Less latency at low load, the same batches under load
+            (needs `num_threads >= 1`).
         loop: the running asyncio event loop that owns the batcher.
 
     Example:
@@ -80,7 +84,7 @@ class Batcher:
     """
 
     def __init__(self, signature, max_batch_size, timeout, num_threads=1, max_enqueued_rows=None,
-                 allowed_batch_sizes=None, loop=None):
+                 allowed_batch_sizes=None, close_when_idle=False, loop=None):
         if loop is None:
             raise ValueError("Batcher needs the asyncio event loop it runs on (`loop=`).")
         if int(max_batch_size) < 1:
@@ -100,6 +104,7 @@ class Batcher:
         self.num_threads = int(num_threads)
         self.max_enqueued_rows = max_enqueued_rows
         self.allowed_batch_sizes = allowed
+        self.close_when_idle = bool(close_when_idle) and self.num_threads > 0
         self.loop = loop
         self.num_batches = 0
         self.num_rows = 0
@@ -171,7 +176,9 @@ class Batcher:
 
     def _dispatch(self):
         while self._has_thread():
-            if not self._ready and self._open and (self._expired or self._stopped):
+            if not self._ready and self._open and (
+                self._expired or self._stopped or (self.close_when_idle and not self._running)
+            ):
                 self._close()
             if not self._ready:
                 break

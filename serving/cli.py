@@ -43,6 +43,9 @@ def build_parser():
         help="queued batches beyond which requests get UNAVAILABLE (default 100)")
     add("--allowed_batch_sizes", default=None,
         help="comma-separated batch sizes to pad batches to, the last = --max_batch_size")
+    add("--batch_close_when_idle", action="store_true",
+        help="run the open batch as soon as no batch is running instead of waiting "
+        "--batch_timeout_ms (less latency at low load; needs --num_batch_threads >= 1)")
     add("--batching_parameters_file", help="TF Serving batching parameters file (text proto)")
     add("--max_request_batch_size", type=int, default=1024,
         help="most rows in one request; more gets RESOURCE_EXHAUSTED (0 = unlimited; "
@@ -114,6 +117,8 @@ def _batching(args, parser):
     enable = args.enable_batching or bool(batching)
     from serving.server import BATCHING_DEFAULTS
 
+    # A policy flag, not a batching parameter: it does not turn batching on by itself.
+    batching["batch_close_when_idle"] = args.batch_close_when_idle
     return enable, {**BATCHING_DEFAULTS, **batching}
 
 

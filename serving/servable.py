@@ -57,6 +57,7 @@ class ServableVersion:
                         max_enqueued_rows=batching["max_batch_size"]
                         * batching["max_enqueued_batches"],
                         allowed_batch_sizes=batching.get("allowed_batch_sizes"),
+                        close_when_idle=batching.get("close_when_idle", False),
                         loop=loop,
                     )
 

@@ -137,6 +137,8 @@ class ModelServer:
             `Batcher`).
         allowed_batch_sizes: optional batch sizes to pad batches to (the last equal to
             `max_batch_size`).
+        batch_close_when_idle: run the open batch as soon as no batch is running, instead of
+            waiting `batch_timeout_ms` (see `Batcher`).
         max_request_batch_size: the most rows one request may hold (0 = unlimited).
         poll_seconds: seconds between scans for new versions (0 = load once, never poll).
         enable_model_warmup: replay each version's warmup requests before serving it.
@@ -185,6 +187,7 @@ class ModelServer:
         num_batch_threads=1,
         max_enqueued_batches=100,
         allowed_batch_sizes=None,
+        batch_close_when_idle=False,
         max_request_batch_size=1024,
         poll_seconds=2.0,
         enable_model_warmup=True,
@@ -241,6 +244,7 @@ class ModelServer:
                 "num_batch_threads": int(num_batch_threads),
                 "max_enqueued_batches": int(max_enqueued_batches),
                 "allowed_batch_sizes": list(allowed_batch_sizes or []),
+                "close_when_idle": bool(batch_close_when_idle),
             }
         self.tls = _tls_material(ssl_config_file, ssl_cert_file, ssl_key_file,
                                  ssl_client_ca_file)

@@ -615,3 +615,23 @@ def test_batching_parameters_file_is_a_text_proto(tmp_path):
         server_lib.read_batching_parameters_file(str(path))
 
 
+
+
+def test_close_when_idle_runs_at_once_and_gathers_while_busy(loop_thread):
+    """With a 10 s timeout, a lone request still runs at once; the ones arriving while it
+    runs go out together as soon as it finishes, not 10 s later."""
+    release = threading.Event()
+    signature = _CountingSignature(release=release)
+    batcher = batching.Batcher(signature, max_batch_size=16, timeout=10.0, num_threads=1,
+                               close_when_idle=True, loop=loop_thread.loop)
+    start = time.monotonic()
+    first = batcher.submit_threadsafe({"x": np.ones((1, 1))}, 1)
+    assert signature.running.wait(5)
+    rest = [batcher.submit_threadsafe({"x": np.full((1, 1), float(i))}, 1) for i in range(5)]
+    time.sleep(0.2)
+    release.set()
+    np.testing.assert_array_equal(first.result(5)["y"], [[2.0]])
+    for i, future in enumerate(rest):
+        np.testing.assert_array_equal(future.result(5)["y"], [[2.0 * i]])
+    assert signature.calls == [1, 5] and time.monotonic() - start < 5
+    batcher.stop()
