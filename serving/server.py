@@ -61,11 +61,11 @@ from serving.grpc_services import ModelHealth
 from serving.grpc_services import ModelServicer  # noqa: F401
 from serving.grpc_services import PredictionServicer  # noqa: F401
 from serving.grpc_services import add_services
+from serving.http_server import RestServer
+from serving.http_server import make_handler
 from serving.model_manager import ModelManager
 from serving.model_manager import ServableVersion  # noqa: F401
 from serving.rest import RestApi
-from serving.rest import RestServer
-from serving.rest import make_handler
 from serving.signatures import Signature  # noqa: F401
 from serving.tensors import numpy_to_tensor_proto  # noqa: F401
 from serving.tensors import tensor_proto_to_numpy  # noqa: F401
