@@ -3,7 +3,7 @@ within a second, the server stays up and its memory stays bounded.
 
 The cases of issue 15 (a tiny message declaring a huge tensor, a decompression bomb, a flood of
 concurrent calls, a malformed tf.Example in a batch, slow and malformed REST clients), then
-randomly mutated valid requests (seeded; more of them under `-m large`).
+randomly mutated valid requests (seeded; 3000 of them with `--run_large`).
 """
 
 import json
