@@ -33,9 +33,10 @@ error messages name what was wrong with the request, never internal exception te
 docs/serving.md has the details and what differs from TF Serving.
 
 The package, by responsibility: `tensors` (TensorProto <-> numpy with limits), `signatures`
-(validation and execution), `batching`, `model_manager` (versions, polling, retries), `core`
-(request logic), `grpc_services`, `rest`, `config` (TF Serving's text-proto files) and this
-module (lifecycle and CLI).
+(validation and execution), `batching`, `servable` (one loaded version), `model_manager`
+(versions, polling, retries), `core` (request logic), `grpc_services` (+ health), `rest` (the
+JSON API), `http_server` (bounded HTTP/HTTPS), `config` (TF Serving's text-proto files), `cli`
+and this module (lifecycle).
 """
 
 import concurrent.futures
