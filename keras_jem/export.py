@@ -22,7 +22,12 @@ Endpoints (SignatureDefs):
 - `classify`: the TF Serving Classify contract. One input `inputs`: a string vector of serialized
   `tf.Example`s, each holding the image under `image_feature_key` ("image" by default) as a
   `float_list` of H*W*C values in [-1, 1] (row-major HWC order), or under `image/encoded` as PNG /
-  JPEG / GIF / BMP bytes (decoded, resized to H x W, brought to C channels and scaled to [-1, 1]).
+  JPEG / BMP bytes (decoded, resized to H x W, brought to C channels and scaled to [-1, 1]).
+  Before decoding, the graph reads the image's size from its header (`tf.image.extract_jpeg_shape`,
+  the PNG IHDR chunk, the BMP header) and refuses with `InvalidArgument` anything larger than
+  `max_encoded_image_size` (4096 x 4096 by default), so a 250 KB PNG declaring 16000 x 16000
+  pixels is never decoded, in this project's server or in TF Serving's. GIF is refused: its
+  header does not say how many frames `decode_image` would decode.
   Outputs `classes` string `(batch, K)` (the class names, in class-index order) and `scores`
   float32 `(batch, K)` (the probabilities of those classes).
 - `ood_score`: `images` -> `log_px` (logsumexp of the logits, log p(x) up to a constant; higher is
@@ -50,6 +55,7 @@ CLASSIFY = "classify"
 OOD_SCORE = "ood_score"
 ENCODED_IMAGE_FEATURE_KEY = "image/encoded"
 WARMUP_FILENAME = "tf_serving_warmup_requests"
+DEFAULT_MAX_ENCODED_IMAGE_SIZE = 4096
 EXPORT_INFO_FILENAME = "keras_jem_export.json"
 
 
@@ -62,6 +68,7 @@ def export_serving_model(
     class_names=None,
     warmup=True,
     verbose=False,
+    max_encoded_image_size=DEFAULT_MAX_ENCODED_IMAGE_SIZE,
 ):
     """Write a buffer-free TF Serving SavedModel of `model` under `export_dir/<version>/`.
 
@@ -87,6 +94,9 @@ def export_serving_model(
         warmup: whether to write `assets.extra/tf_serving_warmup_requests` (needs the
             `tensorflow-serving-api` package: `pip install keras-jem[serving]`).
         verbose: whether to print the exported endpoints.
+        max_encoded_image_size: the largest encoded image `classify` decodes, as one int (the
+            largest height and width) or `(max_height, max_width)`; larger ones are refused
+            from their header, before decoding.
 
     Returns:
         The path (str) of the written version directory.
@@ -123,7 +133,9 @@ def export_serving_model(
         ood_threshold=ood_threshold,
         image_feature_key=image_feature_key,
         class_names=class_names,
+        max_encoded_image_size=max_encoded_image_size,
     )
+    max_height, max_width = _check_max_size(max_encoded_image_size)
 
     export_dir = os.fspath(export_dir)
     os.makedirs(export_dir, exist_ok=True)
@@ -138,6 +150,7 @@ def export_serving_model(
             "class_names": class_names,
             "image_feature_key": image_feature_key,
             "encoded_image_feature_key": ENCODED_IMAGE_FEATURE_KEY,
+            "max_encoded_image_size": [max_height, max_width],
             "ood_threshold": ood_threshold,
             "ood_threshold_score": "log_px",
             "signatures": [SERVING_DEFAULT, CLASSIFY, OOD_SCORE],
@@ -159,7 +172,8 @@ def export_serving_model(
     return version_dir
 
 
-def build_export_archive(model, ood_threshold=None, image_feature_key="image", class_names=None):
+def build_export_archive(model, ood_threshold=None, image_feature_key="image", class_names=None,
+                         max_encoded_image_size=DEFAULT_MAX_ENCODED_IMAGE_SIZE):
     """Build the `keras.export.ExportArchive` with the three serving endpoints.
 
     The model itself is not tracked: the archive saves only the variables used by the endpoint
@@ -171,12 +185,15 @@ def build_export_archive(model, ood_threshold=None, image_feature_key="image", c
         ood_threshold: optional float threshold on `log_px` adding the `is_ood` output.
         image_feature_key: the `tf.Example` float feature read by `classify`.
         class_names: optional list of `num_classes` class name strings.
+        max_encoded_image_size: the largest encoded image `classify` decodes (int or
+            `(max_height, max_width)`).
 
     Returns:
         A `keras.export.ExportArchive` whose first endpoint is `serving_default`.
     """
     image_shape, num_classes = _model_geometry(model)
     class_names = _check_class_names(class_names, num_classes)
+    max_size = _check_max_size(max_encoded_image_size)
     height, width, channels = image_shape
     image_size = height * width * channels
     image_spec = tf.TensorSpec((None,) + image_shape, tf.float32, name="images")
@@ -220,7 +237,7 @@ def build_export_archive(model, ood_threshold=None, image_feature_key="image", c
         return outputs
 
     def classify(inputs):
-        images = _parse_examples(inputs, image_shape, image_size, image_feature_key)
+        images = _parse_examples(inputs, image_shape, image_size, image_feature_key, max_size)
         _, probabilities = predict(images)
         batch_size = tf.shape(probabilities)[0]
         classes = tf.tile(class_names_tensor[tf.newaxis, :], tf.stack([batch_size, 1]))
@@ -306,12 +323,26 @@ def write_warmup_requests(path, image_shape, image_feature_key="image", batch_si
     return len(records)
 
 
-def list_versions(export_dir):
-    """Sorted integer versions present under `export_dir` (hidden temporary dirs excluded)."""
-    if not os.path.isdir(export_dir):
-        return []
+def list_versions(export_dir, missing_ok=True):
+    """Sorted integer versions present under `export_dir` (hidden temporary dirs excluded).
+
+    The one version-directory scan of the project: the exporter numbers new versions with it
+    and `serving.model_manager` polls with it.
+
+    Args:
+        export_dir: a model's base path.
+        missing_ok: return `[]` when `export_dir` cannot be listed (missing, not a directory,
+            no permission); with False, raise the `OSError` instead, so that a poller can tell
+            "no versions" from "could not look".
+    """
+    try:
+        names = os.listdir(export_dir)
+    except OSError:
+        if missing_ok:
+            return []
+        raise
     versions = []
-    for name in os.listdir(export_dir):
+    for name in names:
         if name.isascii() and name.isdigit() and os.path.isdir(os.path.join(export_dir, name)):
             versions.append(int(name))
     return sorted(versions)
@@ -366,10 +397,11 @@ def _model_geometry(model):
 
 
 def _energy_is_negative_logsumexp(model):
-    """Whether `model.energy(x)` is JEM's `-logsumexp(model(x))` (not overridden)."""
-    from keras_jem.models import JEM
+    """Whether `model.energy(x)` is `-logsumexp(model(x))`: the `EnergyModel` classifier energy,
+    not overridden (JEM, JEM++, SADA-JEM, GMMC; IGEBM has its own)."""
+    from keras_jem.models import EnergyModel
 
-    return isinstance(model, JEM) and type(model).energy is JEM.energy
+    return isinstance(model, EnergyModel) and type(model).energy is EnergyModel.energy
 
 
 def _check_class_names(class_names, num_classes):
@@ -384,7 +416,67 @@ def _check_class_names(class_names, num_classes):
     return class_names
 
 
-def _parse_examples(serialized, image_shape, image_size, image_feature_key):
+def _check_max_size(max_encoded_image_size):
+    """`max_encoded_image_size` (int or pair) -> (max_height, max_width) positive ints."""
+    size = max_encoded_image_size
+    pair = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+    if len(pair) != 2 or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in pair
+    ):
+        raise ValueError(
+            "`max_encoded_image_size` must be a positive int or a pair (max_height, max_width) "
+            f"of positive ints. Received: {max_encoded_image_size!r}"
+        )
+    return int(pair[0]), int(pair[1])
+
+
+def encoded_image_size(contents):
+    """(height, width) int64 of an encoded PNG, JPEG or BMP image, read from its header.
+
+    Nothing is decoded: PNG's IHDR chunk and BMP's info header are read with
+    `tf.strings.substr` + `tf.io.decode_raw`, JPEG's frame header with
+    `tf.image.extract_jpeg_shape`. Any other format (GIF, WebP, garbage) gives (-1, -1).
+    Written by hand because TensorFlow has no header reader for PNG and BMP.
+    """
+    padded = tf.strings.substr(contents + tf.constant(b"\0" * 32), 0, 32)
+    header = tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int64)
+
+    def big_endian(offset, size):
+        value = tf.constant(0, tf.int64)
+        for i in range(size):
+            value = value * 256 + header[offset + i]
+        return value
+
+    def little_endian(offset, size):
+        value = tf.constant(0, tf.int64)
+        for i in reversed(range(size)):
+            value = value * 256 + header[offset + i]
+        return value
+
+    def signed32(value):
+        return tf.where(value >= 2**31, value - 2**32, value)
+
+    png_signature = tf.constant([137, 80, 78, 71, 13, 10, 26, 10, 0, 0, 0, 13, 73, 72, 68, 82],
+                                tf.int64)  # 8-byte signature, then IHDR's length and type
+    is_png = tf.reduce_all(tf.equal(header[:16], png_signature))
+    is_bmp = tf.logical_and(tf.equal(header[0], 66), tf.equal(header[1], 77))  # "BM"
+    is_jpeg = tf.io.is_jpeg(contents)
+
+    def jpeg_size():
+        shape = tf.cast(tf.image.extract_jpeg_shape(contents), tf.int64)
+        return tf.stack([shape[0], shape[1]])
+
+    def header_size():
+        png = tf.stack([big_endian(20, 4), big_endian(16, 4)])
+        bmp = tf.stack([tf.abs(signed32(little_endian(22, 4))), signed32(little_endian(18, 4))])
+        unknown = tf.constant([-1, -1], tf.int64)
+        return tf.where(is_png, png, tf.where(is_bmp, bmp, unknown))
+
+    size = tf.cond(is_jpeg, jpeg_size, header_size)
+    return size[0], size[1]
+
+
+def _parse_examples(serialized, image_shape, image_size, image_feature_key, max_size):
     """Serialized `tf.Example` vector -> float32 images `(batch, H, W, C)` in [-1, 1]."""
     height, width, channels = image_shape
     features = tf.io.parse_example(
@@ -418,10 +510,39 @@ def _parse_examples(serialized, image_shape, image_size, image_feature_key):
         dense = pixels.to_tensor(shape=[None, image_size])
         dense = tf.reshape(dense, [-1, height, width, channels])
 
+    max_height, max_width = max_size
+
     def decode_one(contents):
         def decode():
+            encoded_height, encoded_width = encoded_image_size(contents)
+            known = tf.logical_and(encoded_height > 0, encoded_width > 0)
+            check_format = tf.debugging.Assert(
+                known,
+                [
+                    (
+                        f"The '{ENCODED_IMAGE_FEATURE_KEY}' bytes are not a PNG, JPEG or BMP "
+                        "image with a valid header (GIF is refused: its header does not bound "
+                        "the frames decoded). Convert the image to PNG or JPEG."
+                    )
+                ],
+            )
+            check_size = tf.debugging.Assert(
+                tf.logical_and(encoded_height <= max_height, encoded_width <= max_width),
+                [
+                    (
+                        "The encoded image is larger than this model accepts (at most "
+                        f"{max_height} x {max_width} pixels, set at export with "
+                        "max_encoded_image_size); resize it before sending. Received height, "
+                        "width:"
+                    ),
+                    encoded_height,
+                    encoded_width,
+                ],
+            )
+            with tf.control_dependencies([check_format, check_size]):
+                checked = tf.identity(contents)
             image = tf.io.decode_image(
-                contents, channels=channels, dtype=tf.uint8, expand_animations=False
+                checked, channels=channels, dtype=tf.uint8, expand_animations=False
             )
             image = tf.image.resize(tf.cast(image, tf.float32), [height, width], antialias=True)
             return tf.reshape(image / 127.5 - 1.0, [height, width, channels])

@@ -4,8 +4,11 @@ import concurrent.futures
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
+import time
+import zlib
 
 import keras
 import numpy as np
@@ -212,6 +215,103 @@ def test_classify_rejects_malformed_examples(loaded, example, message):
         loaded.signatures["classify"](inputs=tf.constant([example]))
 
 
+def png_bytes(height, width, declared=None):
+    """A grayscale PNG of zeros, `height` x `width`, compressed as it is written (a 16000 x
+    16000 one is about 250 KB but would decode to 256 MB). `declared=(h, w)` writes a
+    header-only PNG that claims that size (no pixel data at all)."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF
+        )
+
+    h, w = declared or (height, width)
+    out = [b"\x89PNG\r\n\x1a\n", chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))]
+    if declared is None:
+        compressor, row, parts = zlib.compressobj(9), b"\x00" * (width + 1), []
+        rows_per_chunk = max(1, (1 << 20) // (width + 1))
+        for start in range(0, height, rows_per_chunk):
+            parts.append(compressor.compress(row * min(rows_per_chunk, height - start)))
+        parts.append(compressor.flush())
+        out.append(chunk(b"IDAT", b"".join(parts)))
+    out.append(chunk(b"IEND", b""))
+    return b"".join(out)
+
+
+def test_png_bytes_is_a_real_png():
+    image = Image.open(io.BytesIO(png_bytes(30, 20)))
+    assert image.size == (20, 30) and np.asarray(image).max() == 0
+
+
+def _encoded(data):
+    return tf.constant([export.make_example(data).SerializeToString()])
+
+
+def test_classify_refuses_decompression_bombs_before_decoding(loaded):
+    """The size is read from the header and checked against the export's limit (4096 x 4096
+    by default) before `decode_image`: a header-only PNG claiming 16000 x 16000 gets the size
+    message (decoding it would fail differently), and a real 5000 x 5000 PNG (25 MB decoded)
+    is refused as fast as a tiny one is answered."""
+    classify = loaded.signatures["classify"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"at most 4096 x 4096 pixels"):
+        classify(inputs=_encoded(png_bytes(0, 0, declared=(16000, 16000))))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"at most 4096 x 4096 pixels"):
+        classify(inputs=_encoded(png_bytes(0, 0, declared=(10, 5000))))
+    real = png_bytes(5000, 5000)
+    assert len(real) < 100_000
+    start = time.perf_counter()
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"at most 4096 x 4096 pixels"):
+        classify(inputs=_encoded(real))
+    assert time.perf_counter() - start < 1.0
+    # Within the limit, the same PNG format decodes (4096 wide is allowed).
+    assert classify(inputs=_encoded(png_bytes(8, 4096)))["scores"].shape == (1, NUM_CLASSES)
+
+
+def _jpeg(height, width):
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _bmp(height, width):
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, format="BMP")
+    return buffer.getvalue()
+
+
+def test_encoded_image_size_reads_headers():
+    """Height and width from the headers, compared with Pillow's sizes; other formats -1."""
+    cases = {
+        "png": (png_bytes(37, 301), (37, 301)),
+        "png_claim": (png_bytes(0, 0, declared=(70000, 3)), (70000, 3)),
+        "jpeg": (_jpeg(45, 123), (45, 123)),
+        "bmp": (_bmp(19, 260), (19, 260)),
+        "gif": (b"GIF89a\x10\x00\x10\x00" + b"\x00" * 20, (-1, -1)),
+        "garbage": (b"hello", (-1, -1)),
+        "empty": (b"", (-1, -1)),
+    }
+    for name, (data, expected) in cases.items():
+        height, width = export.encoded_image_size(tf.constant(data))
+        assert (int(height), int(width)) == expected, name
+
+
+def test_max_encoded_image_size_is_set_at_export(model, tmp_path):
+    path = export.export_serving_model(model, tmp_path, warmup=False,
+                                       max_encoded_image_size=(40, 64))
+    classify = tf.saved_model.load(path).signatures["classify"]
+    assert classify(inputs=_encoded(png_bytes(40, 64)))["scores"].shape == (1, NUM_CLASSES)
+    assert classify(inputs=_encoded(_jpeg(40, 64)))["scores"].shape == (1, NUM_CLASSES)
+    for data in (png_bytes(41, 64), png_bytes(40, 65), _jpeg(41, 10), _jpeg(10, 65)):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"at most 40 x 64 pixels"):
+            classify(inputs=_encoded(data))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not a PNG, JPEG or BMP"):
+        classify(inputs=_encoded(b"GIF89a\x10\x00\x10\x00" + b"\x00" * 20))
+    with open(os.path.join(path, "assets.extra", "keras_jem_export.json")) as f:
+        assert json.load(f)["max_encoded_image_size"] == [40, 64]
+    with pytest.raises(ValueError, match="max_encoded_image_size"):
+        export.build_export_archive(model, max_encoded_image_size=0)
+
+
 def test_rejects_non_finite_pixels(loaded):
     images = random_images(2)
     images[1, 0, 0, 0] = np.nan
@@ -293,6 +393,13 @@ def test_session_style_loader_saved_model_cli(model, exported, tmp_path):
         )
         for name in ("serving_default", "ood_score")
     }
+    bomb = png_bytes(0, 0, declared=(16000, 16000))
+    runs["bomb"] = _saved_model_cli(
+        "--dir", exported, "--signature_def", "classify", "--outdir", str(tmp_path / "bomb"),
+        "--input_examples", f"inputs=[{{'image/encoded': [{bomb!r}]}}]",
+    )
+    bomb_output, _ = runs.pop("bomb").communicate(timeout=180)
+    assert b"at most 4096 x 4096 pixels" in bomb_output, bomb_output.decode()[-3000:]
     for name, process in runs.items():
         output, _ = process.communicate(timeout=180)
         assert process.returncode == 0, f"{name}:\n{output.decode()[-3000:]}"
@@ -329,6 +436,9 @@ def test_session_style_loader_in_process(model, exported):
         default = run("serving_default", {"images": images})
         ood = run("ood_score", {"images": images})
         classify = run("classify", {"inputs": serialized})
+        bomb = export.make_example(png_bytes(0, 0, declared=(16000, 16000))).SerializeToString()
+        with pytest.raises(tf.errors.InvalidArgumentError, match="at most 4096 x 4096 pixels"):
+            run("classify", {"inputs": [bomb]})
     np.testing.assert_allclose(default["logits"], expected["logits"], atol=1e-5)
     np.testing.assert_allclose(ood["energy"], expected["energy"], atol=1e-5)
     np.testing.assert_allclose(classify["scores"], expected["probabilities"], atol=1e-6)
@@ -410,6 +520,10 @@ def test_export_cli(model, tmp_path, capsys):
     with open(os.path.join(path, "assets.extra", "keras_jem_export.json")) as f:
         info = json.load(f)
     assert info["ood_threshold"] == 1.5
+    assert info["max_encoded_image_size"] == [4096, 4096]
+    assert export_cli.parse_max_size("2048x1024") == (2048, 1024)
+    with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
+        export_cli.parse_max_size("big")
 
 
 def test_export_cli_errors(tmp_path):

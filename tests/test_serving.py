@@ -38,9 +38,15 @@ IMAGE_SHAPE = (8, 8, 1)
 NUM_CLASSES = 10
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_REQUEST_ROWS = 64
+LOGIT_ATOL = 1e-4
 
 
 def make_model(seed):
+    """A small JEM with hand-set weights: N(0, (2 / sqrt(fan_in))^2), twice the He scale, so
+    that different images get logits several units apart (up to about 30): a swapped,
+    transposed or zeroed input misses the expected answer by more than 1000x the tolerance
+    (`test_the_model_tells_inputs_apart` checks that margin). With Keras's default init, the
+    logits of different images differ by about 3e-4, too close to a 1e-5 tolerance."""
     keras.utils.set_random_seed(seed)
     model = keras_jem.JEM(
         backbone=keras_jem.backbones.SmallCNN(filters=(8, 16), feature_dim=16),
@@ -48,7 +54,28 @@ def make_model(seed):
         buffer_size=100,
     )
     model(np.zeros((1,) + IMAGE_SHAPE, "float32"))
+    rng = np.random.default_rng(seed)
+    for weight in model.trainable_weights:
+        fan_in = int(np.prod(weight.shape[:-1])) if len(weight.shape) > 1 else 1
+        weight.assign(rng.normal(0.0, 2.0 / np.sqrt(fan_in), weight.shape).astype("float32"))
     return model
+
+
+def logits_of(model, images):
+    return keras.ops.convert_to_numpy(model(images, training=False))
+
+
+def assert_logits(response, model, images):
+    """The served logits and probabilities against the Keras model's, at a tolerance far
+    below the gap between different inputs' logits."""
+    np.testing.assert_allclose(
+        tf.make_ndarray(response.outputs["logits"]), logits_of(model, images),
+        rtol=1e-5, atol=LOGIT_ATOL,
+    )
+    np.testing.assert_allclose(
+        tf.make_ndarray(response.outputs["probabilities"]), probabilities(model, images),
+        atol=1e-5,
+    )
 
 
 def probabilities(model, images):
@@ -140,11 +167,7 @@ def stubs(served):
 def assert_healthy(stubs, models):
     images = random_images(2, seed=99)
     response = stubs.prediction.Predict(predict_request(images), timeout=10)
-    np.testing.assert_allclose(
-        tf.make_ndarray(response.outputs["probabilities"]),
-        probabilities(models["jem"], images),
-        atol=1e-5,
-    )
+    assert_logits(response, models["jem"], images)
 
 
 def test_predict(stubs, models):
@@ -154,20 +177,38 @@ def test_predict(stubs, models):
     assert response.model_spec.version.value == 1
     assert response.model_spec.signature_name == "serving_default"
     assert sorted(response.outputs) == ["classes", "logits", "probabilities"]
+    assert_logits(response, models["jem"], images)
     expected = probabilities(models["jem"], images)
-    np.testing.assert_allclose(
-        tf.make_ndarray(response.outputs["probabilities"]), expected, atol=1e-5
-    )
     np.testing.assert_array_equal(
         tf.make_ndarray(response.outputs["classes"]), expected.argmax(-1)
     )
+    # Typed fields by default, as TF Serving answers (some clients read float_val directly).
+    logits = response.outputs["logits"]
+    assert not logits.tensor_content and len(logits.float_val) == 3 * NUM_CLASSES
+    np.testing.assert_allclose(np.reshape(logits.float_val, (3, NUM_CLASSES)),
+                               logits_of(models["jem"], images), rtol=1e-5, atol=LOGIT_ATOL)
+    assert list(response.outputs["classes"].int64_val) == list(expected.argmax(-1))
     # Several models by name.
     response = stubs.prediction.Predict(predict_request(images, model="other"), timeout=10)
-    np.testing.assert_allclose(
-        tf.make_ndarray(response.outputs["probabilities"]),
-        probabilities(models["other"], images),
-        atol=1e-5,
-    )
+    assert_logits(response, models["other"], images)
+
+
+def test_the_model_tells_inputs_apart(models):
+    """The guard behind every comparison above: a crossed, transposed, zeroed or other-model
+    answer misses by at least 1000x the tolerance."""
+    images = random_images(12, seed=0)
+    logits = logits_of(models["jem"], images)
+    wrong = {
+        "rows swapped": logits[::-1],
+        "transposed": logits_of(models["jem"], images.transpose(0, 2, 1, 3)),
+        "zeroed": logits_of(models["jem"], np.zeros_like(images)),
+        "other model": logits_of(models["other"], images),
+        "next rows": np.roll(logits, 1, axis=0),
+    }
+    tolerance = 1e-5 * np.abs(logits).max(axis=-1) + LOGIT_ATOL  # as in assert_logits
+    for name, value in wrong.items():
+        gap = (np.abs(value - logits).max(axis=-1) / tolerance).min()
+        assert gap > 1000, (name, gap)
 
 
 def test_predict_ood_score_and_output_filter(stubs, models):
@@ -461,11 +502,10 @@ def test_concurrent_clients_get_their_own_answers(served, stubs, models):
                 rows = 1 + (index + step) % 3
                 images = random_images(rows, seed=1000 * index + step)
                 response = channel_stubs.prediction.Predict(predict_request(images), timeout=30)
-                got = tf.make_ndarray(response.outputs["probabilities"])
-                np.testing.assert_allclose(got, probabilities(models["jem"], images), atol=1e-5)
+                assert_logits(response, models["jem"], images)
                 checked.append(rows)
             channel_stubs.channel.close()
-        except Exception as e:  # reported below
+        except Exception as e:  # noqa: BLE001 (reported below)
             errors.append(repr(e))
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(num_threads)]

@@ -74,7 +74,28 @@ def build_parser():
     )
     parser.add_argument("--no_warmup", action="store_true", help="do not write warmup requests")
     parser.add_argument("--verbose", action="store_true", help="show TensorFlow's C++ log lines")
+    parser.add_argument(
+        "--max_encoded_image_size",
+        default="4096",
+        help="largest encoded image `classify` decodes: SIDE or HEIGHTxWIDTH (default 4096); "
+        "larger ones are refused from their header, before decoding",
+    )
     return parser
+
+
+def parse_max_size(text):
+    """"4096" -> 4096, "2048x1024" -> (2048, 1024); ValueError otherwise."""
+    parts = str(text).lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise ValueError(
+            f"--max_encoded_image_size takes SIDE or HEIGHTxWIDTH in pixels (e.g. 4096 or "
+            f"2048x1024); received {text!r}."
+        )
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def find_ood_threshold(report, key=None):
@@ -154,6 +175,10 @@ def main(argv=None):
             raise SystemExit(f"error: --ood_threshold_from {args.ood_threshold_from}: {e}")
         logger.info("OOD threshold on log p(x) from %s: %s", args.ood_threshold_from, ood_threshold)
     class_names = args.class_names.split(",") if args.class_names else None
+    try:
+        max_encoded_image_size = parse_max_size(args.max_encoded_image_size)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
 
     # Imported here so that `--help` and argument errors are instant.
     console.setup(verbose=args.verbose)
@@ -171,6 +196,7 @@ def main(argv=None):
         image_feature_key=args.image_feature_key,
         class_names=class_names,
         warmup=not args.no_warmup,
+        max_encoded_image_size=max_encoded_image_size,
     )
     print(path)
     return path
