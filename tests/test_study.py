@@ -80,7 +80,7 @@ def test_gmmc_uses_its_energy_and_igebm_has_generation_columns_only(tmp_path):
     assert "test_accuracy" not in row and "auroc_log_px_uniform_noise" not in row
     line = study.to_markdown([study.aggregate([dict(row, fid=12.5)])], ("uniform_noise",),
                              "FID (FMNIST-CNN)", baseline=0.9).splitlines()[2]
-    assert line.startswith("| IGEBM | 1 | – | – | – | – | 12.50 |")
+    assert line.startswith("| IGEBM | 1 | – | – | – | – | 12.5 |")
 
 
 def test_bad_flags_stop_before_any_work(tmp_path, capsys):

@@ -268,7 +268,7 @@ def to_markdown(summaries, ood_sets, fid_name, baseline):
         lines.append(
             f"| {LABELS.get(s['model'], s['model'])} | {','.join(map(str, s['seeds']))} | "
             f"{accuracy_text} | {delta} | {_percent(s.get('ece'))} | {' | '.join(cells)} | "
-            f"{_number(s.get('fid'), '{:.2f}')} | {samples} | "
+            f"{_number(s.get('fid'), '{:.4g}')} | {samples} | "
             f"{_number(s.get('train_seconds'), '{:.0f} s')} | {eval_time} |"
         )
     return "\n".join(lines)
@@ -401,7 +401,7 @@ def main(argv=None, prog="python -m tools.study", default_dataset=None):
             f"{fid_name}: Fréchet distance of each model's replay buffer to "
             f"{fid['reference']}, in the penultimate features of the study's softmax classifier "
             f"({fid['feature_network']}), not Inception; real test images score "
-            f"{fid['real_test']:.2f} ({fid['real_test_images']} images)."
+            f"{fid['real_test']:.4g} ({fid['real_test_images']} images)."
         )
     table += "\n" + "\n".join(notes)
     seeds_table = seeds_markdown([r for r in rows if r["model"] in SEEDED_MODELS], ood_sets)
