@@ -256,15 +256,15 @@ def resolve(model, dataset, overrides=None):
 # === Fashion-MNIST (28x28x1, 60000 training images) ===
 # One block, kept together so it ports as a unit. Every model uses the same backbone, a
 # Wide-ResNet-10-1 (77k parameters, 28 -> 28 -> 14 -> 7, 64 features), and the same budget of
-# 1600 iterations of batch 64 (about 1.7 passes over the data), so the study compares methods,
-# not networks or budgets. Sized on CPU time: a JEM iteration (20 SGLD steps) costs about 23
-# forward+backward passes, 4.3 CPU-s with a WRN-10-2 and about 4x less with this WRN-10-1, so
-# JEM takes about 20 minutes on 2 idle cores and the softmax a few. An "epoch" here is
-# `steps_per_epoch` iterations, not a pass over the 60000 images.
+# 1200 iterations of batch 64 (1.3 passes over the data), so the study compares methods, not
+# networks or budgets. Sized on time: a JEM iteration (20 SGLD steps) costs about 23
+# forward+backward passes, 4.3 CPU-s with a WRN-10-2 and about 4x less with this WRN-10-1; it
+# took 1.56 s on this 2-core machine at load 3, so about 1 s idle and JEM about 20 minutes, the
+# softmax a few. An "epoch" here is `steps_per_epoch` iterations, not a pass over the images.
 DATASET_FAMILIES["fashion_mnist"] = "fashion_mnist"
 _FASHION_MNIST = {"backbone": "wrn", "depth": 10, "width": 1, "optimizer": "adam",
-                  "learning_rate": 1e-3, "warmup_steps": 200, "epochs": 8,
-                  "steps_per_epoch": 200, "decay_epochs": "6", "decay_factor": 0.3}
+                  "learning_rate": 1e-3, "warmup_steps": 200, "epochs": 6,
+                  "steps_per_epoch": 200, "decay_epochs": "5", "decay_factor": 0.3}
 PRESETS["softmax"]["fashion_mnist"] = {**_FASHION_MNIST, "noise_scale": 0.03}
 # JEM: the energy penalty too. Without it, 36 iterations at the full rate (warm-up 5) ran the
 # data energy to -23 and the cross-entropy up from 2.31 to 3.67; with 0.1 (warm-up 20, 60
@@ -276,14 +276,15 @@ PRESETS["jempp"]["fashion_mnist"] = {**_FASHION_MNIST, "buffer_size": 5000,
                                      "energy_l2_weight": 0.1}
 PRESETS["sadajem"]["fashion_mnist"] = {**_FASHION_MNIST, "buffer_size": 5000, "sam_rho": 0.5,
                                        "px_batch_size": 64, "energy_l2_weight": 0.1}
-# GMMC joint: discriminative for the first 2 of 8 epochs, then generative (class blocks of 500).
+# GMMC joint: discriminative for the first 2 of 6 epochs, then generative (class blocks of 500).
 # beta 0.1: after 200 discriminative iterations (test accuracy 40%), 100 generative ones with
 # beta 0.5 ran the data's MMC energy from 40 to 208 and the test accuracy down to 20%; with 0.1
 # the energy went to 50 and the accuracy up to 51%.
 PRESETS["gmmc"]["fashion_mnist"] = {**_FASHION_MNIST, "buffer_size": 5000,
                                     "start_generative": 2, "beta": 0.1}
 # IGEBM (its own spectral-norm ResNet, generation only): with the digits width 32 (32-64-128) an
-# iteration cost about 6 JEM iterations here, so the width is 16 and the budget 800 iterations.
-PRESETS["igebm"]["fashion_mnist"] = {"epochs": 8, "steps_per_epoch": 100,
+# iteration cost about 6 JEM iterations here, so the width is 16 (1.3 s per iteration at load 3)
+# and the budget 600 iterations.
+PRESETS["igebm"]["fashion_mnist"] = {"epochs": 6, "steps_per_epoch": 100,
                                      "learning_rate": 1e-3, "buffer_size": 5000,
                                      "num_steps": 20, "sn_filters": "16"}
