@@ -29,6 +29,7 @@ def _unique_images(num_examples, image_shape=(8, 8, 1), seed=0):
 def test_available_and_get_info():
     assert set(data.available()) == {
         "digits",
+        "fashion_mnist",
         "cifar10",
         "cifar100",
         "svhn",
@@ -341,7 +342,8 @@ def test_pipeline_input_validation():
 
 @pytest.mark.parametrize("image_shape", [(8, 8, 1), (32, 32, 3)])
 @pytest.mark.parametrize(
-    "name", ["uniform_noise", "gaussian_noise", "constant", "interpolation", "faces", "photos"]
+    "name", ["uniform_noise", "gaussian_noise", "constant", "interpolation", "faces", "photos",
+             "vertical_flip", "mnist_like_digits"]
 )
 def test_ood_sets(name, image_shape):
     reference, _ = data.load("synthetic", "test", image_shape=image_shape, num_examples=30)

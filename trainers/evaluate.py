@@ -41,7 +41,6 @@ from trainers.evaluation import generation
 from trainers.evaluation import ood
 from trainers.evaluation import robustness
 from trainers.evaluation import saliency
-from trainers.evaluation.context import DEFAULT_OOD_SETS
 from trainers.evaluation.context import EvaluationError
 from trainers.evaluation.context import parse_list
 from trainers.evaluation.context import prepare
@@ -114,9 +113,10 @@ def build_parser():
     add("--ece_bins", type=int, default=20)
     # OOD.
     add("--ood_sets", default=None,
-        help="comma-separated OOD sets (default per dataset; digits: "
-             + ",".join(DEFAULT_OOD_SETS["digits"]) + "; cifar10: "
-             + ",".join(DEFAULT_OOD_SETS["cifar10"]) + ")")
+        help="comma-separated OOD sets (default: the dataset's, keras_jem.data.ood_sets_for; "
+             "digits: uniform_noise,interpolation,faces,photos; fashion_mnist: uniform_noise,"
+             "vertical_flip,mnist_like_digits,interpolation,constant; cifar10: svhn,cifar100,"
+             "celeb_a,interpolation)")
     add("--ood_scores", default=None,
         help="comma-separated scores: logsumexp,max_softmax,grad_norm,energy "
              "(default: logsumexp,max_softmax,grad_norm; energy first for gmmc/igebm)")

@@ -6,10 +6,13 @@ Images are float32 NHWC in [-1, 1]; labels int64.
 from keras_jem.data.augmentation import augment
 from keras_jem.data.augmentation import random_crop
 from keras_jem.data.augmentation import random_flip
+from keras_jem.data.idx import IDXFormatError
+from keras_jem.data.idx import read_idx
 from keras_jem.data.loading import DatasetNotAvailableError
 from keras_jem.data.loading import load
 from keras_jem.data.ood import available_ood
 from keras_jem.data.ood import load_ood
+from keras_jem.data.ood import ood_sets_for
 from keras_jem.data.pipeline import make_eval_dataset
 from keras_jem.data.pipeline import make_train_dataset
 from keras_jem.data.pipeline import split_validation

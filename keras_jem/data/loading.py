@@ -5,6 +5,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from keras_jem.data import idx_datasets
 from keras_jem.data import preprocessing
 from keras_jem.data import registry
 
@@ -16,11 +17,12 @@ _CELEB_A_CROP = (20, 0, 178, 178)
 
 
 class DatasetNotAvailableError(RuntimeError):
-    """Raised when a TFDS dataset is not prepared locally and may not be downloaded.
+    """Raised when a dataset is not available locally and may not be downloaded.
 
-    The message names the dataset, the directory that was searched and the two ways to
-    provide the data (download on a machine with internet access, or prepare it from
-    archives in a `manual_dir`).
+    The message names the dataset, the directories that were searched and the ways to
+    provide the data (for TFDS sets: download on a machine with internet access, or prepare
+    it from archives in a `manual_dir`; for Fashion-MNIST: the Debian package, Keras' cache
+    or `data_dir`).
     """
 
 
@@ -43,6 +45,13 @@ def load(
       0..16 mapped to [-1, 1], shape (8, 8, 1). A fixed stratified split
       (`train_test_split(test_size=0.25, stratify=labels, random_state=0)`) gives
       1347 train and 450 test images (every class has 33-46 test images).
+    - `"fashion_mnist"`: Fashion-MNIST's 60000 train and 10000 test 28x28 images, read
+      from the original IDX files (gzipped or not), looked for in `data_dir` (or its
+      `fashion-mnist/` subdirectory), then Keras' cache `~/.keras/datasets/fashion-mnist/`
+      (what `keras.datasets.fashion_mnist.load_data()` uses), then the Debian package's
+      `/usr/share/datasets/fashion-mnist/` (`apt-get install dataset-fashion-mnist`).
+      Only with `download=True` and no local files, TFDS `"fashion_mnist"` is used.
+      Pixels 0..255 mapped to [-1, 1], shape (28, 28, 1).
     - `"cifar10"`, `"cifar100"` (fine labels), `"svhn"` (TFDS `"svhn_cropped"`, splits
       train/test/extra): read through TensorFlow Datasets.
     - `"celeb_a"`: OOD only; centre-cropped to 178x178, resized to 32x32; labels are 0.
@@ -81,7 +90,9 @@ def load(
 
     Raises:
         ValueError: unknown name or split, or arguments that do not apply.
-        DatasetNotAvailableError: the TFDS data is not prepared and `download=False`.
+        DatasetNotAvailableError: the TFDS data is not prepared (Fashion-MNIST: its files
+            are found nowhere) and `download=False`.
+        keras_jem.data.idx.IDXFormatError: a Fashion-MNIST file is corrupt.
 
     Example:
 
@@ -106,6 +117,8 @@ def load(
         images, labels = _load_digits(split)
     elif name == "synthetic":
         images, labels = _make_synthetic(split, num_examples, image_shape, num_classes, seed)
+    elif info.idx_files:
+        images, labels = _load_idx(info, split, data_dir, download, manual_dir, num_examples)
     else:
         images, labels = _load_tfds(info, split, data_dir, download, manual_dir, num_examples)
     if num_examples is not None:
@@ -115,8 +128,8 @@ def load(
 
 def _check_split(info, split):
     if not isinstance(split, str):
-        raise ValueError(f"`split` must be a string, received {split!r}.")
-    if info.tfds_name is not None:
+        raise ValueError(f"`split` must be a string, received {split!r}.")  # noqa: TRY004
+    if info.tfds_name is not None and not info.idx_files:
         # TFDS slicing: "train[:10%]", "train+test".
         bases = [part.split("[")[0].strip() for part in split.split("+")]
     else:
@@ -126,7 +139,9 @@ def _check_split(info, split):
             raise ValueError(
                 f"Unknown split {split!r} for dataset {info.name!r}. Expected one of "
                 f"{list(info.splits)}"
-                + (" (TFDS slicing such as 'train[:1000]' is accepted)." if info.tfds_name else ".")
+                + (" (TFDS slicing such as 'train[:1000]' is accepted)."
+                   if info.tfds_name and not info.idx_files
+                   else "; use `num_examples` for a subset." if info.idx_files else ".")
             )
 
 
@@ -173,6 +188,17 @@ def _make_synthetic(split, num_examples, image_shape, num_classes, seed):
     images += prototypes[labels]
     np.clip(images, -1.0, 1.0, out=images)
     return images, labels
+
+
+def _load_idx(info, split, data_dir, download, manual_dir, num_examples):
+    loaded = idx_datasets.load_idx_dataset(info, split, data_dir, manual_dir)
+    if loaded is not None:
+        return loaded
+    if not download:
+        raise DatasetNotAvailableError(
+            idx_datasets.not_available_message(info, split, data_dir, manual_dir)
+        )
+    return _load_tfds(info, split, data_dir, download, None, num_examples)
 
 
 def _default_data_dir():

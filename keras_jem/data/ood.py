@@ -24,11 +24,30 @@ PHOTO_NAMES = (
     "grass",
     "gravel",
 )
-GENERATED_SETS = ("uniform_noise", "gaussian_noise", "constant", "interpolation")
-BUNDLED_SETS = ("faces", "photos")
+GENERATED_SETS = ("uniform_noise", "gaussian_noise", "constant", "interpolation", "vertical_flip")
+BUNDLED_SETS = ("faces", "photos", "mnist_like_digits")
 TFDS_SETS = ("svhn", "cifar10", "cifar100", "celeb_a")
 _DEFAULT_NUM_EXAMPLES = 1000
 _NUM_LFW_FACES = 100
+# MNIST's digits fill a 20x20 box centred in 28x28 (LeCun et al.); scikit-learn's 8x8 digits
+# fill their frame, so they are upscaled to 20/28 of the target side and padded.
+_MNIST_DIGIT_FRACTION = 20 / 28
+
+# The OOD sets `trainers.evaluate` and `tools.study` use for each in-distribution dataset.
+DEFAULT_OOD_SETS = {
+    "digits": ("uniform_noise", "interpolation", "faces", "photos"),
+    "fashion_mnist": (
+        "uniform_noise",
+        "vertical_flip",
+        "mnist_like_digits",
+        "interpolation",
+        "constant",
+    ),
+    "cifar10": ("svhn", "cifar100", "celeb_a", "interpolation"),
+    "cifar100": ("svhn", "cifar10", "celeb_a", "interpolation"),
+    "svhn": ("cifar10", "cifar100", "celeb_a", "interpolation"),
+}
+_FALLBACK_OOD_SETS = ("uniform_noise", "interpolation")
 
 
 def available_ood():
@@ -40,6 +59,27 @@ def available_ood():
     True
     """
     return GENERATED_SETS + BUNDLED_SETS + TFDS_SETS
+
+
+def ood_sets_for(dataset):
+    """The default OOD sets of an in-distribution dataset, as names for `load_ood`.
+
+    Sets that need no download and are built from the in-distribution test images
+    (`"interpolation"`, `"vertical_flip"`) take them as `reference_images`.
+
+    Args:
+        dataset: a dataset name, e.g. `"fashion_mnist"`.
+
+    Returns:
+        A tuple of names from `available_ood()`; `("uniform_noise", "interpolation")` for a
+        dataset without its own list.
+
+    Example:
+
+    >>> keras_jem.data.ood_sets_for("fashion_mnist")
+    ('uniform_noise', 'vertical_flip', 'mnist_like_digits', 'interpolation', 'constant')
+    """
+    return DEFAULT_OOD_SETS.get(dataset, _FALLBACK_OOD_SETS)
 
 
 def load_ood(
@@ -64,12 +104,22 @@ def load_ood(
       paired by a seeded shuffle (JEM's `cifar_interp` averages two consecutive
       CIFAR-10 test batches). Requires `reference_images` (e.g. the in-distribution test
       set); by default makes `len(reference_images)` images.
+    - `"vertical_flip"`: `reference_images` upside down (rows reversed), the first
+      `num_examples` of them (cycled if more are asked for); by default all of them.
+      A shift in orientation only: same pixel statistics, same textures.
     - `"faces"`: the 100 face images of `skimage.data.lfw_subset()` (25x25 grayscale),
       resized to the target shape (grayscale repeated to RGB). Bundled, no download.
       By default 100 images; more are drawn with replacement.
     - `"photos"`: random square patches (side 1/4 to 1 of the shorter image side) of the
       photographs bundled with scikit-image (see `PHOTO_NAMES`), resized to the target
       shape; converted to grayscale for 1-channel targets. No download.
+    - `"mnist_like_digits"`: scikit-learn's 1797 bundled 8x8 digits (no download) made to
+      look like MNIST: bilinearly upscaled so the digit fills the central 20/28 of the
+      image (20x20 in 28x28), padded with background (-1: white ink on black, as MNIST
+      and Fashion-MNIST), grayscale repeated for 3 channels. Drawn in seeded shuffled
+      passes over the 1797 digits (each appears once before any repeats); by default
+      1797 images. Fashion-MNIST vs MNIST is where likelihood models are known to fail
+      (Nalisnick et al. 2019; Ren et al. 2019).
     - `"svhn"`, `"cifar10"`, `"cifar100"`, `"celeb_a"`: the TFDS set's `split` via
       `keras_jem.data.load` (same `data_dir` / `download` rules and the same
       `DatasetNotAvailableError`), resized and channel-converted to the target shape.
@@ -117,6 +167,12 @@ def load_ood(
         images = preprocessing.match_image_shape(images, image_shape)
     elif name == "interpolation":
         images = _interpolation(reference_images, image_shape, num_examples, rng)
+    elif name == "vertical_flip":
+        reference = _reference(reference_images, image_shape, name, minimum=1)
+        index = np.arange(num_examples or len(reference)) % len(reference)
+        images = reference[index, ::-1]
+    elif name == "mnist_like_digits":
+        images = _mnist_like_digits(image_shape, num_examples, rng)
     elif name == "faces":
         images = _faces(image_shape, num_examples, rng)
     elif name == "photos":
@@ -133,19 +189,23 @@ def load_ood(
     return np.clip(images, -1.0, 1.0).astype(np.float32)
 
 
-def _interpolation(reference_images, image_shape, num_examples, rng):
+def _reference(reference_images, image_shape, name, minimum):
     if reference_images is None:
         raise ValueError(
-            "The 'interpolation' OOD set averages pairs of in-distribution images: pass "
+            f"The {name!r} OOD set is made from in-distribution images: pass "
             "`reference_images` (e.g. the test images, float in [-1, 1])."
         )
     reference = preprocessing.check_images(reference_images, name="reference_images")
-    if len(reference) < 2:
+    if len(reference) < minimum:
         raise ValueError(
-            "`reference_images` must hold at least 2 images for 'interpolation'; received "
+            f"`reference_images` must hold at least {minimum} image(s) for {name!r}; received "
             f"{len(reference)}."
         )
-    reference = preprocessing.match_image_shape(reference, image_shape)
+    return preprocessing.match_image_shape(reference, image_shape)
+
+
+def _interpolation(reference_images, image_shape, num_examples, rng):
+    reference = _reference(reference_images, image_shape, "interpolation", minimum=2)
     num_examples = num_examples or len(reference)
     first, second = [], []
     count = 0
@@ -158,6 +218,23 @@ def _interpolation(reference_images, image_shape, num_examples, rng):
     first = np.concatenate(first)[:num_examples]
     second = np.concatenate(second)[:num_examples]
     return 0.5 * (reference[first] + reference[second])
+
+
+def _mnist_like_digits(image_shape, num_examples, rng):
+    from sklearn import datasets
+
+    digits = datasets.load_digits().images.astype(np.float32)  # (1797, 8, 8), ink 0..16
+    num_examples = num_examples or len(digits)
+    passes = -(-num_examples // len(digits))
+    index = np.concatenate([rng.permutation(len(digits)) for _ in range(passes)])[:num_examples]
+    height, width, channels = image_shape
+    inner = (max(1, round(height * _MNIST_DIGIT_FRACTION)),
+             max(1, round(width * _MNIST_DIGIT_FRACTION)))
+    images = preprocessing.to_model_range(digits[index][..., None], input_range=(0, 16))
+    images = preprocessing.match_image_shape(images, inner + (channels,))
+    top, left = (height - inner[0]) // 2, (width - inner[1]) // 2
+    padding = ((0, 0), (top, height - inner[0] - top), (left, width - inner[1] - left), (0, 0))
+    return np.pad(images, padding, constant_values=-1.0)
 
 
 def _faces(image_shape, num_examples, rng):

@@ -15,6 +15,18 @@ CIFAR10_CLASS_NAMES = (
     "truck",
 )
 DIGIT_CLASS_NAMES = tuple(str(i) for i in range(10))
+FASHION_MNIST_CLASS_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +49,11 @@ class DatasetInfo:
         homepage: where the archives can be downloaded.
         class_names: optional tuple of human-readable class names.
         description: one-line description.
+        idx_files: for datasets read from local IDX files (Fashion-MNIST): mapping split ->
+            `(images file, labels file)` names without `.gz`; see
+            `keras_jem.data.idx_datasets` for where they are looked for.
+        idx_dirname: the directory name of those files in Keras' cache and in
+            `/usr/share/datasets` (e.g. `"fashion-mnist"`).
 
     Example:
 
@@ -58,6 +75,8 @@ class DatasetInfo:
     homepage: str = None
     class_names: tuple = None
     description: str = ""
+    idx_files: dict = None
+    idx_dirname: str = None
 
 
 _REGISTRY = {
@@ -73,6 +92,25 @@ _REGISTRY = {
             description=(
                 "scikit-learn's 8x8 handwritten digits (1797 images, bundled, no download); "
                 "a fixed stratified split with 1/4 held out for test."
+            ),
+        ),
+        DatasetInfo(
+            name="fashion_mnist",
+            image_shape=(28, 28, 1),
+            num_classes=10,
+            tfds_name="fashion_mnist",
+            num_examples={"train": 60000, "test": 10000},
+            homepage="https://github.com/zalandoresearch/fashion-mnist",
+            class_names=FASHION_MNIST_CLASS_NAMES,
+            idx_files={
+                "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+            },
+            idx_dirname="fashion-mnist",
+            description=(
+                "Fashion-MNIST, 28x28 grayscale clothing images in 10 classes, read from the "
+                "original IDX files (--data_dir, Keras' cache or the Debian package "
+                "dataset-fashion-mnist); TFDS 'fashion_mnist' only with download=True."
             ),
         ),
         DatasetInfo(
@@ -151,7 +189,7 @@ def available():
     Example:
 
     >>> keras_jem.data.available()
-    ('celeb_a', 'cifar10', 'cifar100', 'digits', 'svhn', 'synthetic')
+    ('celeb_a', 'cifar10', 'cifar100', 'digits', 'fashion_mnist', 'svhn', 'synthetic')
     """
     return tuple(sorted(_REGISTRY))
 

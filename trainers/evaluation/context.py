@@ -3,15 +3,6 @@ checked against each other before any long computation, plus the predictions the
 
 import os
 
-DEFAULT_OOD_SETS = {
-    "digits": ("uniform_noise", "interpolation", "faces", "photos"),
-    "cifar10": ("svhn", "cifar100", "celeb_a", "interpolation"),
-    "cifar100": ("svhn", "cifar10", "celeb_a", "interpolation"),
-    "svhn": ("cifar10", "cifar100", "celeb_a", "interpolation"),
-}
-FALLBACK_OOD_SETS = ("uniform_noise", "interpolation")
-
-
 class EvaluationError(Exception):
     """Bad input found before the evaluation starts (exit code 2)."""
 
@@ -68,7 +59,7 @@ def prepare(args):
 
     # OOD sets and scores: names first (cheap).
     ood_names = (parse_list(args.ood_sets) if args.ood_sets
-                 else list(DEFAULT_OOD_SETS.get(args.dataset, FALLBACK_OOD_SETS)))
+                 else list(data_lib.ood_sets_for(args.dataset)))
     if "ood" in args.tasks:
         unknown = [name for name in ood_names if name not in data_lib.available_ood()]
         if unknown or not ood_names:
