@@ -9,14 +9,14 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from keras_jem import backbones  # noqa: E402
-from keras_jem import callbacks  # noqa: E402
-from keras_jem import data  # noqa: E402
-from keras_jem import energies  # noqa: E402
-from keras_jem import metrics  # noqa: E402
-from keras_jem import models  # noqa: E402
-from keras_jem import optimizers  # noqa: E402
-from keras_jem import sampling  # noqa: E402
-from keras_jem.models import *  # noqa: E402,F401,F403
+from keras_jem import backbones
+from keras_jem import callbacks
+from keras_jem import data
+from keras_jem import energies
+from keras_jem import metrics
+from keras_jem import models
+from keras_jem import optimizers
+from keras_jem import sampling
+from keras_jem.models import *
 
 __version__ = "0.1.0"

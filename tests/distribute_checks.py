@@ -14,18 +14,18 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from keras_jem import distribute  # noqa: E402
+from keras_jem import distribute
 
 distribute.configure_cpu_devices(2)
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
-import keras_jem  # noqa: E402
-from keras_jem import callbacks as jem_callbacks  # noqa: E402
-from keras_jem import checkpointing  # noqa: E402
-from keras_jem.backbones import SmallCNN  # noqa: E402
+import keras_jem
+from keras_jem import callbacks as jem_callbacks
+from keras_jem import checkpointing
+from keras_jem.backbones import SmallCNN
 
 MIRRORED = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 SINGLE = tf.distribute.get_strategy()

@@ -306,9 +306,9 @@ class SequentialPassesTest(testing.TestCase):
     """Per-pass back-propagation gives the one-tape gradient and loss terms."""
 
     @testing.parameterized.named_parameters(
-        ("two_streams", False, dict(energy_l2_weight=0.1)),
-        ("one_stream", True, dict(energy_l2_weight=0.1)),
-        ("joint_term", False, dict(pxy_weight=0.5, conditional_sampling=True)),
+        ("two_streams", False, {"energy_l2_weight": 0.1}),
+        ("one_stream", True, {"energy_l2_weight": 0.1}),
+        ("joint_term", False, {"pxy_weight": 0.5, "conditional_sampling": True}),
     )
     def test_same_gradient_as_one_tape(self, same_stream, kwargs):
         images, labels = testing.load_digits(num_examples=32)

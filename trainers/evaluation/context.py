@@ -3,6 +3,7 @@ checked against each other before any long computation, plus the predictions the
 
 import os
 
+
 class EvaluationError(Exception):
     """Bad input found before the evaluation starts (exit code 2)."""
 
