@@ -417,8 +417,13 @@ class ModelServer:
         self.stop()
 
 
-from serving.cli import build_parser  # noqa: F401 (the CLI lives in serving.cli)
-from serving.cli import main
+def main(argv=None):
+    """`python -m serving.server`: the command line lives in `serving.cli` (imported here, not at
+    the top, so that the CLI module may import this one)."""
+    from serving import cli
+
+    return cli.main(argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())
