@@ -444,8 +444,10 @@ def test_shutdown_order_rest_first_in_flight_finish(models_dir, model, monkeypat
     start = time.monotonic()
     stopper.start()
     time.sleep(0.3)
-    with pytest.raises((ConnectionRefusedError, urllib.error.URLError)):
-        _rest_predict(rest_port, images, timeout=5)  # REST no longer accepts
+    # REST no longer accepts: refused, or reset when the connection reached the listen backlog
+    # just before the listening socket closed (seen on a loaded machine); never answered.
+    with pytest.raises((ConnectionRefusedError, ConnectionResetError, urllib.error.URLError)):
+        _rest_predict(rest_port, images, timeout=5)
     for thread in threads + [stopper]:
         thread.join(timeout=30)
     assert time.monotonic() - start < 9

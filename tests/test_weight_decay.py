@@ -14,6 +14,7 @@ import json
 
 import keras
 import numpy as np
+import pytest
 
 import keras_jem
 from tests import testing
@@ -27,6 +28,10 @@ def _decay_parts(before, with_decay, without_decay):
         -LEARNING_RATE * WEIGHT_DECAY * w for w in before]
 
 
+# The default suite checks the same thing on SADA-JEM with BatchNorm and ASAM in
+# tests/test_modes.py (one subprocess for all its MirroredStrategy checks); this JEM version costs
+# a subprocess of its own (about 40 s idle), so it runs with --run_large.
+@pytest.mark.large
 def test_mirrored_step_with_weight_decay_equals_single_device_step():
     # Two logical CPUs must be configured before TensorFlow starts: a fresh interpreter.
     out = testing.run_in_subprocess(f"""

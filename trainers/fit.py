@@ -261,6 +261,8 @@ def setup(config):
     # The strategy comes first: splitting a CPU into logical devices must precede any TF op.
     strategy = runtime.make_strategy(config)
     info = data.get_info(config["dataset"])
+    # Before the model object: Keras' unseeded initializers take their seeds at construction.
+    keras.utils.set_random_seed(config["seed"])
     model = construct(config, info, strategy)  # bad settings stop here, before any work
     model_dir = config["model_dir"]
     worker_index = distribute.worker_info(strategy)[0]
@@ -274,7 +276,7 @@ def setup(config):
         with open(config_path) as f:
             previous_config = f.read()
     _write_json(config_path, config)
-    keras.utils.set_random_seed(config["seed"])
+    keras.utils.set_random_seed(config["seed"])  # the data split draws as before the model
 
     (train_x, train_y), validation, (test_x, test_y) = load_data(config)
     config = dict(config, image_shape=list(info.image_shape), num_classes=info.num_classes)
