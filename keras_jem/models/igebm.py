@@ -38,7 +38,8 @@ class IGEBM(EnergyModel):
     step 10, gradient clip 0.01 and noise 0.005. With `u = 2x - 1`, `grad_u E = grad_x E / 2`,
     so the same chains on [-1, 1] take step 40, clip 0.005 and noise 0.01: the default sampler
     is `SGLD(60, step_size=40, noise_scale=0.01, gradient_clip=0.005, clip_range=(-1, 1))`,
-    and each of its steps is `2 * (official step) - 1`. The paper trains with its clipped Adam
+    and each of its steps is `2 * (official step) - 1` (up to the order of noise and gradient
+    step: the official chain adds its noise first). The paper trains with its clipped Adam
     (`keras_jem.optimizers.ClippedAdam(3e-4, beta_1=0, beta_2=0.999)`).
 
     A conditional model continues buffer chains under the labels of the batch: as in the
