@@ -417,8 +417,10 @@ def _source_default(flag):
     # A class may take the argument through **kwargs from a base class (JEM's `weight_decay`
     # belongs to EnergyModel): the first class of the MRO that names it holds the default.
     for owner in getattr(target, "__mro__", (target,)):
-        init = owner if owner is target and not inspect.isclass(owner) else owner.__init__
-        parameters = inspect.signature(init).parameters
+        try:
+            parameters = inspect.signature(owner).parameters
+        except (TypeError, ValueError):  # a builtin base without a signature
+            continue
         if flag.key in parameters:
             return parameters[flag.key].default
     raise KeyError(f"{flag.source} takes no argument {flag.key!r} (flag source of {flag})")
