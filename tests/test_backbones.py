@@ -364,6 +364,54 @@ def test_sn_resnet_defaults_and_pooling():
     np.testing.assert_allclose(_numpy(summed(x)), 36 * _numpy(averaged(x)), rtol=1e-5)
 
 
+def test_sn_resnet_convolutions_have_no_bias():
+    # The official conv_block drops its bias (use_bias=False); only the per-class input biases
+    # and output gains of the blocks are added.
+    backbone = backbones.SNResNet(filters=8, num_blocks=(1, 1), num_classes=3)
+    backbone(_images((2, 8, 8, 3)), y=np.array([0, 1]))
+    names = sorted(w.path.split("/")[-1] for w in backbone.weights)
+    assert not [n for n in names if "bias" in n and not n.startswith("input_bias")], names
+    assert {n for n in names if n.startswith("input_bias")} == {"input_bias1", "input_bias2"}
+    convs = [layer for layer in backbone._flatten_layers(include_self=False)
+             if isinstance(layer, backbone_layers.SpectralConv2D)]
+    assert len(convs) == 6 and not any(conv.use_bias for conv in convs)
+    assert backbone.get_config()["use_bias"] is False
+    with_bias = backbones.SNResNet(filters=8, num_blocks=(1, 1), use_bias=True)
+    with_bias(_images((2, 8, 8, 3)))
+    assert sum(w.path.endswith("/bias") for w in with_bias.weights) == 6
+
+
+@pytest.mark.parametrize("num_classes", [None, 3])
+def test_sn_resnet_relu_before_the_sum_pool(num_classes):
+    # The official ResNet32 (conditional CIFAR) and the unconditional ResNet32Large apply
+    # ReLU to the last block's output before the spatial sum; LeakyReLU would let negative
+    # activations through.
+    backbone = backbones.SNResNet(filters=4, num_blocks=(1,), downsample=False,
+                                  num_classes=num_classes)
+    x = _images((3, 6, 6, 2))
+    y = None if num_classes is None else np.array([0, 1, 2])
+    backbone(x, y=y)
+    for weight in backbone.weights:  # a residual branch that lets negative values through
+        if "conv2" in weight.path and weight.path.endswith("kernel"):
+            weight.assign(_images(weight.shape, seed=4))
+    h = backbone.stem(x)
+    h = backbone_layers.apply_activation(h, "leaky_relu", 0.2)
+    for block in backbone.blocks:
+        h = block(h, y=y)
+    last = _numpy(h)
+    assert last.min() < 0  # the block ends in LeakyReLU, so negatives reach the head
+    expected = np.maximum(last, 0.0).sum(axis=(1, 2))
+    np.testing.assert_allclose(_numpy(backbone(x, y=y)), expected, rtol=1e-5, atol=1e-6)
+    # The official conditional ResNet32Large's rule (head_activation=None): LeakyReLU again.
+    if num_classes is not None:
+        large = backbones.SNResNet.from_config({**backbone.get_config(),
+                                                "head_activation": None})
+        large(x, y=y)
+        large.set_weights(backbone.get_weights())
+        leaky = np.where(last > 0, last, 0.2 * last).sum(axis=(1, 2))
+        np.testing.assert_allclose(_numpy(large(x, y=y)), leaky, rtol=1e-5, atol=1e-6)
+
+
 # === Registry ===
 
 

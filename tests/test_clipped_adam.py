@@ -56,6 +56,31 @@ class ClippedAdamTest(testing.TestCase):
         )
         self.assertGreater(np.max(np.abs(plain - expected)), 1e-3)
 
+    def test_sparse_gradients_of_a_gather(self):
+        # A per-class table read with `take` gets an IndexedSlices gradient (repeated rows):
+        # the update is the formula's on the dense, summed gradient.
+        import tensorflow as tf
+
+        rng = np.random.default_rng(1)
+        w0 = rng.normal(size=(4, 3))
+        rows = [np.array([0, 2, 2, 3]), np.array([1, 1, 0, 3])]
+        values = [rng.normal(scale=0.5, size=(4, 3)) for _ in rows]
+        dense = []
+        for r, v in zip(rows, values):
+            g = np.zeros((4, 3))
+            np.add.at(g, r, v)
+            dense.append(g)
+        args = {"lr": 0.01, "beta_1": 0.0, "beta_2": 0.999, "epsilon": 1e-8, "clip_std": 3.0,
+                "clip_offset": 0.1}
+        expected = _reference(w0, dense, **args)
+        optimizer = ClippedAdam(learning_rate=0.01)
+        variable = keras.Variable(np.asarray(w0, np.float32))
+        for r, v in zip(rows, values):
+            sparse = tf.IndexedSlices(tf.constant(v, tf.float32), tf.constant(r),
+                                      tf.constant([4, 3]))
+            optimizer.apply_gradients([(sparse, variable)])
+        self.assertAllClose(variable.numpy(), expected, atol=1e-6, rtol=1e-5)
+
     def test_first_step_clips_to_the_offset(self):
         # v = 0 before the first step, so the bound is clip_offset: a gradient of 7 acts as 0.1.
         optimizer = ClippedAdam(learning_rate=1.0, beta_1=0.0, beta_2=0.999, epsilon=0.0)

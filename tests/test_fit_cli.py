@@ -53,7 +53,6 @@ def run_cli(args, timeout=600):
          "`width` must be a positive integer"),
         (["--model", "igebm", "--sn_filters", "32,x"], "--sn_filters must be a positive width"),
         (["--model", "igebm", "--sn_pooling", "max"], "Unknown `pooling`: 'max'"),
-        (["--model", "igebm", "--buffer_size", "1001"], "not a multiple of 10"),
     ],
 )
 def test_bad_flags_stop_before_any_work(tmp_path, args, expected, capsys):
@@ -106,7 +105,7 @@ def test_gmmc_and_igebm_presets_follow_mode_and_dataset():
     # The user's flags win over the mode preset.
     assert presets.resolve("gmmc", "cifar10", {"mode": "gen", "num_steps": 7})["num_steps"] == 7
     igebm = presets.resolve("igebm", "cifar10")
-    assert (igebm["num_steps"], igebm["step_size"], igebm["gradient_clip"]) == (60, 10.0, 0.01)
+    assert (igebm["num_steps"], igebm["step_size"], igebm["gradient_clip"]) == (60, 40.0, 0.005)
     assert (igebm["beta_1"], igebm["energy_l2_weight"], igebm["sn_filters"]) == (0.0, 1.0,
                                                                                  "128,256,256")
 

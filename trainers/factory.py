@@ -13,6 +13,9 @@ Example:
 
 from trainers import presets
 
+#: The `--optimizer` choices.
+OPTIMIZERS = ("adam", "clipped_adam", "sgd")
+
 
 class ConfigError(ValueError):
     """A setting that cannot work; raised before any data is loaded."""
@@ -120,9 +123,14 @@ def parse_epochs(text):
 
 
 def build_optimizer(config, steps_per_epoch):
-    """The Keras optimizer of the "optimizer" section with its warm-up/step schedule."""
+    """The Keras optimizer of the "optimizer" section with its warm-up/step schedule.
+
+    "name" picks `keras.optimizers.Adam` ("adam"), `keras_jem.optimizers.ClippedAdam`
+    ("clipped_adam", IGEBM's) or `keras.optimizers.SGD` ("sgd").
+    """
     import keras
 
+    from keras_jem.optimizers import ClippedAdam
     from keras_jem.optimizers import WarmupPiecewiseConstant
 
     kwargs = presets.sections(config)["optimizer"]
@@ -132,7 +140,15 @@ def build_optimizer(config, steps_per_epoch):
         factor=kwargs["decay_factor"],
     )
     extra = {"clipnorm": kwargs["clipnorm"]} if kwargs["clipnorm"] else {}
-    if kwargs["name"] == "sgd":
+    name = kwargs["name"]
+    if name not in OPTIMIZERS:
+        raise ConfigError(
+            f"Unknown --optimizer {name!r}. Expected one of: {', '.join(OPTIMIZERS)}.")
+    if name == "sgd":
         return keras.optimizers.SGD(schedule, momentum=kwargs["momentum"], **extra)
+    if name == "clipped_adam":
+        # IGEBM's Adam (official custom_adam.py): each gradient element clipped to
+        # +-(3 sqrt(v_hat) + 0.1) before the update.
+        return ClippedAdam(schedule, beta_1=kwargs["beta_1"], beta_2=kwargs["beta_2"], **extra)
     return keras.optimizers.Adam(schedule, beta_1=kwargs["beta_1"], beta_2=kwargs["beta_2"],
                                  **extra)

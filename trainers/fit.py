@@ -42,7 +42,7 @@ logger = logging.getLogger("trainers.fit")
 # The trainer's own choices; the constructors check their arguments themselves.
 CHOICES = {
     "backbone": ("small_cnn", "wrn"),
-    "optimizer": ("adam", "sgd"),
+    "optimizer": factory.OPTIMIZERS,
     "sampler": ("sgld", "proximal"),
     "jit_compile": ("auto", "true", "false"),
     "strategy": ("default", "mirrored", "multi_worker", "tpu"),

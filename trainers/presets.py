@@ -8,8 +8,8 @@ A preset is a dict of sections, each holding the keyword arguments of what it co
     "sam":       `keras_jem.optimizers.SAM` ("rho" 0 means no SAM)
     "backbone":  the backbone class (`SmallCNN`, `WideResNet`, `SNResNet`), plus "name"
                  ("small_cnn" or "wrn"; IGEBM always uses `SNResNet`) and IGEBM's "conditional"
-    "optimizer": the Keras optimizer, plus "name" ("adam" or "sgd") and the learning-rate
-                 schedule (`WarmupPiecewiseConstant`): "warmup_steps", "decay_epochs"
+    "optimizer": the Keras optimizer, plus "name" ("adam", "clipped_adam" or "sgd") and the
+                 learning-rate schedule (`WarmupPiecewiseConstant`): "warmup_steps", "decay_epochs"
                  (comma-separated epochs), "decay_factor"
     "data":      `keras_jem.data.make_train_dataset` (batch sizes, augmentation, noise), plus
                  "test_noise_scale", "num_validation" and where the data is
@@ -111,7 +111,7 @@ FLAGS = {
     "dropout_rate": Flag("backbone", "dropout_rate", float, "dropout inside the backbone",
                          "keras_jem.backbones:SmallCNN"),
     # Optimizer and learning-rate schedule.
-    "optimizer": Flag("optimizer", "name", str, "adam or sgd", None),
+    "optimizer": Flag("optimizer", "name", str, "adam, clipped_adam (IGEBM's) or sgd", None),
     "learning_rate": Flag("optimizer", "learning_rate", float, "learning rate after warm-up",
                           None),
     "momentum": Flag("optimizer", "momentum", float, "SGD momentum", None),
@@ -337,24 +337,32 @@ PRESETS = {
                                                "decay_epochs": "50,80,100,120",
                                                "decay_factor": 0.3}},
     },
-    # IGEBM: ALGORITHMS.md 5.2-5.3. On CIFAR the conditional ResNet32 (128-256-256, 2 blocks per
-    # stage); the unconditional ResNet32Large is --conditional false --sn_filters 128
-    # --sn_num_blocks 3 --dropout_rate 0.5.
+    # IGEBM: ALGORITHMS.md 5.2-5.3 and the official code (openai/ebm_code_release). On CIFAR the
+    # conditional ResNet32 (128-256-256, 2 blocks per stage); the unconditional ResNet32Large is
+    # --conditional false --sn_filters 128 --sn_num_blocks 3 --dropout_rate 0.5 --epochs 310
+    # (its dropout then stays on in the Langevin steps: IGEBM's sample_in_training_mode None).
+    # keras-jem works on [-1, 1]: the official step 10, gradient clip 0.01 and noise 0.005 on
+    # [0, 1] are step 40, clip 0.005 and noise 0.01 here (u = 2x - 1, grad_u = grad_x / 2).
+    # The buffer is class-agnostic (chains continue under the batch's labels, as the official
+    # train.py); the optimizer is the official clipped Adam.
     "igebm": {
         "*": {"backbone": {"conditional": True, "filters": 64, "num_blocks": 1,
                            "pooling": "sum"},
               "model": {"buffer_size": 10000, "reinit_probability": 0.05,
-                        "energy_l2_weight": 1.0},
-              "sampler": {"name": "sgld", "num_steps": 60, "step_size": 10.0,
-                          "noise_scale": 0.005, "gradient_clip": 0.01,
+                        "energy_l2_weight": 1.0, "sample_in_training_mode": None},
+              "sampler": {"name": "sgld", "num_steps": 60, "step_size": 40.0,
+                          "noise_scale": 0.01, "gradient_clip": 0.005,
                           "clip_range": (-1.0, 1.0)},
-              "optimizer": {"name": "adam", "learning_rate": 3e-4, "beta_1": 0.0,
+              "optimizer": {"name": "clipped_adam", "learning_rate": 3e-4, "beta_1": 0.0,
                             "beta_2": 0.999},
               "data": {"augment": "none", "augment_px": False, "noise_scale": 0.0}},
         "digits": {"run": {"epochs": 30}, "backbone": {"filters": 32},
                    "model": {"buffer_size": 1000}, "sampler": {"num_steps": 20},
                    "optimizer": {"learning_rate": 1e-3}},
-        "cifar": {"run": {"epochs": 100}, "backbone": {"filters": (128, 256, 256),
+        # 190 epochs: the released conditional CIFAR-10 checkpoint (cifar10_cond, iteration
+        # 74700 at batch 128: 74700 * 128 / 50000 = 191 epochs), the model this preset builds.
+        # The unconditional ResNet32Large checkpoint is at 121200 iterations (310 epochs).
+        "cifar": {"run": {"epochs": 190}, "backbone": {"filters": (128, 256, 256),
                                                        "num_blocks": 2},
                   "data": {"batch_size": 128}},
     },
@@ -453,13 +461,16 @@ def _source_default(flag):
 
     module, name = flag.source.split(":")
     target = getattr(importlib.import_module(module), name)
-    # A subclass may take the argument through **kwargs (JEM -> EnergyModel): the first class
-    # in the MRO whose __init__ names it owns the default.
-    for owner in inspect.getmro(target) if inspect.isclass(target) else (target,):
-        parameters = inspect.signature(owner).parameters
+    # A class may take the argument through **kwargs from a base class (JEM's `weight_decay`
+    # belongs to EnergyModel): the first class of the MRO that names it holds the default.
+    for owner in getattr(target, "__mro__", (target,)):
+        try:
+            parameters = inspect.signature(owner).parameters
+        except (TypeError, ValueError):  # a builtin base without a signature
+            continue
         if flag.key in parameters:
             return parameters[flag.key].default
-    raise KeyError(f"{flag.source} takes no argument {flag.key!r} (flag source out of date).")
+    raise KeyError(f"{flag.source} takes no argument {flag.key!r} (flag source of {flag})")
 
 
 def defaults():

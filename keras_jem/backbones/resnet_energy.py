@@ -48,6 +48,7 @@ class SNResBlock(keras.layers.Layer):
         leaky_relu_slope: negative slope of LeakyReLU.
         dropout_rate: dropout after the first convolution (IGEBM's large model: 0.5).
         power_iterations: power-iteration steps per training call of each convolution.
+        use_bias: whether the convolutions add a bias (IGEBM's do not: False).
         **kwargs: base `keras.layers.Layer` arguments.
 
     Example:
@@ -65,11 +66,13 @@ class SNResBlock(keras.layers.Layer):
         leaky_relu_slope=0.2,
         dropout_rate=0.0,
         power_iterations=1,
+        use_bias=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.filters = int(filters)
         self.downsample = bool(downsample)
+        self.use_bias = bool(use_bias)
         self.num_classes = _validate_num_classes(num_classes)
         self.activation = backbone_layers.validate_activation(activation)
         self.leaky_relu_slope = backbone_layers.validate_slope(leaky_relu_slope)
@@ -80,6 +83,7 @@ class SNResBlock(keras.layers.Layer):
             self.filters,
             3,
             padding="same",
+            use_bias=self.use_bias,
             bias_initializer="zeros",
             power_iterations=power_iterations,
             name="conv1",
@@ -92,6 +96,7 @@ class SNResBlock(keras.layers.Layer):
             3,
             padding="same",
             kernel_initializer=keras.initializers.RandomNormal(stddev=1e-10),
+            use_bias=self.use_bias,
             bias_initializer="zeros",
             power_iterations=power_iterations,
             clip_only=True,
@@ -119,6 +124,7 @@ class SNResBlock(keras.layers.Layer):
                 self.filters,
                 3,
                 padding="same",
+                use_bias=self.use_bias,
                 bias_initializer="zeros",
                 power_iterations=self.power_iterations,
                 name="bypass",
@@ -160,6 +166,7 @@ class SNResBlock(keras.layers.Layer):
                 "leaky_relu_slope": self.leaky_relu_slope,
                 "dropout_rate": self.dropout_rate,
                 "power_iterations": self.power_iterations,
+                "use_bias": self.use_bias,
             }
         )
         return config
@@ -174,7 +181,8 @@ class SNResNet(Backbone):
     the (unnormalised, not spectrally normalised) Dense(1) energy head on top.
 
     Layout: stem 3x3 conv -> act -> stages of `SNResBlock`s with widths `filters` (int: doubled
-    at each stage) -> head activation -> spatial sum (IGEBM) or mean pooling. Every convolution
+    at each stage) -> head activation (ReLU) -> spatial sum (IGEBM) or mean pooling. As in the
+    official code, the convolutions have no bias. Every convolution
     is spectrally normalised (`SpectralConv2D`: one power iteration per training-mode call; in
     inference mode the stored singular vector is used and not updated). The first block of
     each stage average-pools 2x2 when `downsample` is True for that stage, as in IGEBM's
@@ -198,9 +206,12 @@ class SNResNet(Backbone):
         dropout_rate: dropout inside each block, in [0, 1).
         downsample: bool or tuple of bools, one per stage.
         pooling: "sum" (IGEBM; scales with the image area) or "mean".
-        head_activation: activation before pooling; None picks IGEBM's choice ("relu" for the
-            unconditional model, `activation` for the conditional one).
+        head_activation: activation before pooling: "relu" (the official ResNet32, conditional
+            or not, and the unconditional ResNet32Large), or None for the official
+            ResNet32Large's rule ("relu" when unconditional, `activation` when conditional).
         power_iterations: power-iteration steps per training-mode call.
+        use_bias: whether the convolutions add a bias (the official code's do not: False;
+            the per-class biases and gains of the blocks are separate weights).
         **kwargs: base `keras.layers.Layer` arguments.
 
     Attributes:
@@ -228,11 +239,13 @@ class SNResNet(Backbone):
         dropout_rate=0.0,
         downsample=True,
         pooling="sum",
-        head_activation=None,
+        head_activation="relu",
         power_iterations=1,
+        use_bias=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.use_bias = bool(use_bias)
         num_stages = _num_stages(filters, num_blocks)
         self.filters = _per_stage(filters, num_stages, "filters", doubling=True)
         self.num_blocks = _per_stage(num_blocks, num_stages, "num_blocks")
@@ -257,6 +270,7 @@ class SNResNet(Backbone):
             self.filters[0],
             3,
             padding="same",
+            use_bias=self.use_bias,
             bias_initializer="zeros",
             power_iterations=power_iterations,
             name="stem_conv",
@@ -273,6 +287,7 @@ class SNResNet(Backbone):
                         leaky_relu_slope=self.leaky_relu_slope,
                         dropout_rate=self.dropout_rate,
                         power_iterations=power_iterations,
+                        use_bias=self.use_bias,
                         name=f"stage{stage + 1}_block{index + 1}",
                     )
                 )
@@ -336,6 +351,7 @@ class SNResNet(Backbone):
                 "pooling": self.pooling,
                 "head_activation": self.head_activation,
                 "power_iterations": self.power_iterations,
+                "use_bias": self.use_bias,
             }
         )
         return config

@@ -275,8 +275,12 @@ class EnergyModel(SamplingAPI, keras.Model):
         return sampling.next_seed(self.seed_generator)
 
     def continue_chains(self, batch_size, labels, seed):
-        """Draws chains from the buffer, runs the sampler, writes them back."""
-        indices, start, _ = self.buffer.draw(batch_size, labels=labels, seed=seed)
+        """Draws chains from the buffer, runs the sampler, writes them back.
+
+        The sampler runs under `labels`; the buffer draws by `_buffer_labels(labels)`.
+        """
+        indices, start, _ = self.buffer.draw(
+            batch_size, labels=self._buffer_labels(labels), seed=seed)
         samples = self.sampler(
             self, start, y=labels, seed=sampling.noise.fold_in(seed, 11),
             training=self.sample_in_training_mode,

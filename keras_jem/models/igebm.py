@@ -29,14 +29,23 @@ class IGEBM(EnergyModel):
     mean E(x+) - mean E(x-) + energy_l2_weight * (mean E(x+)^2 + mean E(x-)^2)
     ```
 
-    where the negatives `x-` continue persistent chains from the replay buffer (95% of them;
+    where the negatives `x-` continue chains from the replay buffer (95% of them;
     `reinit_probability=0.05` restart from uniform noise) with Langevin dynamics: per step
     `x <- clip(x - step_size * clip(grad_x E, +-gradient_clip) + noise_scale * N(0, I))` with
-    x kept in the data range (`SGLD(60, step_size=10, noise_scale=0.005, gradient_clip=0.01)`).
-    The paper trains with Adam(3e-4, beta_1=0, beta_2=0.999).
+    x kept in the data range. The positives `x+` are dequantised first (`dequantization`).
 
-    A conditional model draws its negatives with the labels of the batch, from the class blocks
-    of the buffer, and trains on the labelled stream (`images`, y); an unconditional model uses
+    keras-jem works on [-1, 1]; the official code (`openai/ebm_code_release`) on [0, 1] with
+    step 10, gradient clip 0.01 and noise 0.005. With `u = 2x - 1`, `grad_u E = grad_x E / 2`,
+    so the same chains on [-1, 1] take step 40, clip 0.005 and noise 0.01: the default sampler
+    is `SGLD(60, step_size=40, noise_scale=0.01, gradient_clip=0.005, clip_range=(-1, 1))`,
+    and each of its steps is `2 * (official step) - 1` (up to the order of noise and gradient
+    step: the official chain adds its noise first). The paper trains with its clipped Adam
+    (`keras_jem.optimizers.ClippedAdam(3e-4, beta_1=0, beta_2=0.999)`).
+
+    A conditional model continues buffer chains under the labels of the batch: as in the
+    official `train.py`, the buffer is class-agnostic (a chain drawn for label 3 may continue
+    under label 7); `class_blocks=True` draws each chain from its label's block of the buffer
+    instead. It trains on the labelled stream (`images`, y); an unconditional model uses
     the likelihood stream (`px_images` when given) and needs no labels. An unconditional model
     is a one-class model: `num_classes == 1`, logits `(B, 1) = -E(x)`, and the label 0 (the
     only one) is accepted wherever labels are.
@@ -49,19 +58,27 @@ class IGEBM(EnergyModel):
             images to `(B, D)`; conditional when it has a `num_classes` attribute that is not
             None, then called as `backbone(x, labels=y, training=...)`.
         sampler: a `keras_jem.sampling.Sampler` (default: IGEBM's clipped Langevin dynamics).
-        buffer_size: number of persistent chains (10000; a multiple of `num_classes` when
-            conditional).
+        buffer_size: number of persistent chains (10000; a multiple of `num_classes` with
+            `class_blocks`).
         reinit_probability: fraction of chains restarted from noise at each step (0.05).
         energy_l2_weight: weight `alpha` of the energy magnitude penalty (IGEBM: 1.0).
         divergence_threshold: magnitude of loss or energies reported as `diverged` (1e8).
-        sample_in_training_mode: run the sampler with `training=True` (dropout on).
+        sample_in_training_mode: run the sampler with `training=True` (dropout on, spectral
+            norms updated). None (default): True when the backbone has dropout
+            (`dropout_rate > 0`, the ResNet32Large), as the official code, whose dropout is
+            on in every forward pass of training, Langevin steps included.
+        class_blocks: draw a conditional model's chains from per-label blocks of the buffer
+            (False: one class-agnostic buffer, the official code's).
+        dequantization: width `d` of the uniform noise added to the positives in training:
+            `x+ = (x + 1) (1 - d / 2) - 1 + U(0, d)` (2/256: the official `x * 255/256 +
+            U(0, 1/256)` on [0, 1], mapped to [-1, 1]; 0 turns it off).
         seed: seed of the sampler's noise and the initial buffer.
         **kwargs: other `EnergyModel` arguments (`weight_decay`, `sam`, ...).
 
     Example:
 
     >>> model = keras_jem.IGEBM(keras_jem.backbones.SNResNet(num_classes=10))
-    >>> model.compile(optimizer=keras.optimizers.Adam(3e-4, beta_1=0.0, beta_2=0.999))
+    >>> model.compile(optimizer=keras_jem.optimizers.ClippedAdam(3e-4, beta_1=0.0))
     >>> model.fit(train_ds, epochs=100, steps_per_epoch=390)
     >>> sevens = model.sample(y=[7] * 16)
     >>> completed = model.inpaint(images, mask)              # mask: True where to fill in
@@ -70,13 +87,15 @@ class IGEBM(EnergyModel):
 
     default_sampler_config: ClassVar[dict] = {
         "num_steps": 60,
-        "step_size": 10.0,
-        "noise_scale": 0.005,
-        "gradient_clip": 0.01,
+        "step_size": 40.0,
+        "noise_scale": 0.01,
+        "gradient_clip": 0.005,
         "clip_range": (-1.0, 1.0),
     }
 
-    config_names = tuple(name for name in EnergyModel.config_names if name != "num_classes")
+    config_names = tuple(
+        name for name in EnergyModel.config_names if name != "num_classes"
+    ) + ("class_blocks", "dequantization")
     tracked_terms = ("loss", "loss_ml", "loss_l2", "energy_data", "energy_samples", "loss_ce")
     divergence_terms = tracked_terms
 
@@ -88,8 +107,10 @@ class IGEBM(EnergyModel):
         reinit_probability=0.05,
         energy_l2_weight=1.0,
         divergence_threshold=1e8,
-        sample_in_training_mode=False,
+        sample_in_training_mode=None,
         seed=None,
+        class_blocks=False,
+        dequantization=2.0 / 256.0,
         **kwargs,
     ):
         if isinstance(backbone, dict):
@@ -100,13 +121,22 @@ class IGEBM(EnergyModel):
                 f"A conditional backbone needs num_classes >= 2. Received: {num_classes}"
             )
         self.conditional = num_classes is not None
+        if not 0.0 <= dequantization < 2.0:
+            raise ValueError(
+                "`dequantization` is the width of the uniform noise added to the positives on "
+                f"[-1, 1] and must be in [0, 2). Received: dequantization={dequantization}"
+            )
+        self.dequantization = float(dequantization)
+        self.class_blocks = bool(class_blocks) and self.conditional
+        if sample_in_training_mode is None:
+            sample_in_training_mode = float(getattr(backbone, "dropout_rate", 0.0) or 0.0) > 0
         super().__init__(
             backbone,
             num_classes=num_classes,
             sampler=sampler,
             buffer_size=buffer_size,
             reinit_probability=reinit_probability,
-            class_blocks=self.conditional,
+            class_blocks=self.class_blocks,
             energy_l2_weight=energy_l2_weight,
             sample_in_training_mode=sample_in_training_mode,
             divergence_threshold=divergence_threshold,
@@ -152,6 +182,14 @@ class IGEBM(EnergyModel):
         values = self._energy(tiled, labels, training)
         return tf.transpose(tf.reshape(values, (self.num_classes, batch)))
 
+    def ood_score(self, x):
+        """The official sandbox's OOD score: `-min_y E(x, y)` (`-E(x)` when unconditional).
+
+        Higher means more in-distribution. `-E(x) = logsumexp_y -E(x, y)` (the `energy` score)
+        differs from it by at most `log(num_classes)`.
+        """
+        return tf.reduce_max(self(x, training=False), axis=-1)
+
     def call(self, inputs, training=None):
         """Logits: `-E(x, y)` over all labels `(B, num_classes)`, or `-E(x)` `(B, 1)`."""
         return -self.class_energies(inputs, training=training)
@@ -179,9 +217,31 @@ class IGEBM(EnergyModel):
         if isinstance(x, dict):
             x = x["images"] if self.conditional else x.get("px_images", x["images"])
         labels = tf.cast(tf.reshape(y, (-1,)), tf.int32) if self.conditional else None
-        return Batch(x, x, labels, sample_weight)
+        positives = self.dequantize(x, self._next_seed())
+        return Batch(positives, positives, labels, sample_weight)
+
+    def dequantize(self, images, seed):
+        """`(x + 1) (1 - d / 2) - 1 + U(0, d)` for `d = dequantization` (positives, training).
+
+        On [0, 1] (`p = (x + 1) / 2`) this is the official `p * 255/256 + U(0, 1/256)`: the
+        images stay in the data range and each 8-bit level fills its own bin.
+        """
+        images = tf.convert_to_tensor(images)
+        if self.dequantization == 0:
+            return images
+        width = tf.cast(self.dequantization, images.dtype)
+        noise = tf.random.stateless_uniform(tf.shape(images), seed, maxval=1.0,
+                                            dtype=images.dtype)
+        return (images + 1.0) * (1.0 - width / 2.0) - 1.0 + width * noise
+
+    def _buffer_labels(self, labels):
+        """The labels the buffer draws by: the batch's with class blocks, else None (any
+        chain, whatever label it was last sampled under)."""
+        return labels if self.class_blocks else None
 
     def draw_samples(self, batch):
+        # Chains continue under the batch's labels (official train.py); the buffer is drawn
+        # from by label only with class blocks (`_buffer_labels`).
         seed = self._next_seed()
         return {"samples": self.continue_chains(batch_size(batch.images), batch.labels, seed)}
 

@@ -111,11 +111,16 @@ class SamplingAPI:
     def _label_note(self):
         return ""
 
+    def _buffer_labels(self, labels):
+        """The labels the replay buffer draws chains by (None: any chain, class-agnostic)."""
+        return labels
+
     def _sample_graph(self, num_samples, labels, start, from_buffer, seed, num_steps, training):
         indices = None
         if start is None:
             if from_buffer:
-                indices, start, _ = self.buffer.draw(num_samples, labels=labels, seed=seed)
+                indices, start, _ = self.buffer.draw(
+                    num_samples, labels=self._buffer_labels(labels), seed=seed)
             else:
                 start = self.buffer.fresh_samples(num_samples, labels=labels, seed=seed)
         samples = self.sampler(

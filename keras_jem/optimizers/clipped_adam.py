@@ -1,6 +1,7 @@
 """Adam whose gradient elements are clipped to a few running standard deviations (IGEBM)."""
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 
@@ -81,6 +82,10 @@ class ClippedAdam(keras.optimizers.Adam):
         self.clip_offset = float(clip_offset)
 
     def update_step(self, gradient, variable, learning_rate):
+        if isinstance(gradient, tf.IndexedSlices):
+            # A gather's (embedding, per-class table) sparse gradient: the bound is per
+            # element of the whole variable, so clip the dense gradient (duplicates summed).
+            gradient = tf.convert_to_tensor(gradient)
         gradient = ops.cast(gradient, variable.dtype)
         local_step = ops.cast(self.iterations + 1, variable.dtype)
         beta_2_power = ops.power(ops.cast(self.beta_2, variable.dtype), local_step)

@@ -2,6 +2,36 @@
 
 import os
 
+#: What the `energy` score of a class-conditional IGEBM is (the official sandbox's score).
+CONDITIONAL_ENERGY_SCORE = "-min_y E(x, y) (conditional IGEBM, as the official ebm_sandbox.py)"
+
+
+def uses_min_class_energy(model, score_name):
+    """Whether `score_name` is the `energy` score of a class-conditional IGEBM."""
+    return (score_name == "energy" and bool(getattr(model, "conditional", False))
+            and callable(getattr(model, "ood_score", None)))
+
+
+def score_function(model, score_name):
+    """`score_fn(model, images, batch_size)` of `score_name` for `model`.
+
+    The registered score (`keras_jem.metrics.get_score`), except the `energy` score of a
+    class-conditional IGEBM: the official sandbox scores it by `-min_y E(x, y)`
+    (`IGEBM.ood_score`), not by `-E(x) = logsumexp_y -E(x, y)`.
+    """
+    from keras_jem import metrics
+    from keras_jem.metrics import classification
+
+    if not uses_min_class_energy(model, score_name):
+        return metrics.get_score(score_name)
+
+    def min_class_energy_score(model, images, batch_size=100):
+        fn = classification.model_function(
+            model, "min_class_energy_score", lambda m: m.ood_score)
+        return classification.batched(fn, images, batch_size).astype("float64")
+
+    return min_class_energy_score
+
 
 def task(context):
     from keras_jem import metrics
@@ -13,7 +43,7 @@ def task(context):
             skipped[score_name] = "max_softmax needs a classifier (the model is unconditional)"
             continue
         try:
-            score_fn = metrics.get_score(score_name)
+            score_fn = score_function(context.model, score_name)
             in_scores = score_fn(context.model, context.images, batch_size=args.batch_size)
             out_scores = {
                 name: score_fn(context.model, images, batch_size=args.batch_size)
@@ -38,6 +68,8 @@ def task(context):
             "scores": context.ood_scores,
             "input_noise": args.input_noise,
             "positive_class": "in-distribution (higher score = more in-distribution)",
+            **({"energy_score": CONDITIONAL_ENERGY_SCORE}
+               if uses_min_class_energy(context.model, "energy") else {}),
         },
         "results": results,
         "figures": figures,
