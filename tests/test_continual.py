@@ -72,6 +72,10 @@ def test_accuracy_helpers_by_hand():
     assert np.isnan(continual.per_class_accuracy(predictions, labels, 5)[4])
     assert continual.seen_accuracy(predictions, labels, (0, 1)) == 0.75
     assert continual.seen_accuracy(predictions, labels, (2, 3)) == pytest.approx(1 / 3)
+    # Only the seen classes compete: class 4 has the largest logit but was never trained.
+    logits = np.array([[0.1, 0.5, 0.2, 0.0, 9.0], [2.0, 0.5, 3.0, 0.0, 9.0]])
+    np.testing.assert_array_equal(continual.predict_among(logits, (0, 1)), [1, 0])
+    np.testing.assert_array_equal(continual.predict_among(logits, (0, 1, 2, 3)), [1, 2])
 
 
 TINY = ["--epochs", "1", "--steps_per_epoch", "2", "--batch_size", "16", "--noise_scale", "0",
