@@ -97,6 +97,61 @@ class SampleCLITest(testing.TestCase):
         loaded = sample_cli.load_model(os.path.join(self.model_dir, "model.keras"))
         np.testing.assert_array_equal(testing.to_numpy(loaded(self.test_images)), self.logits)
 
+    def test_ensemble_of_backups(self):
+        """--checkpoints N restores the N newest backups; the summed energy is their sum."""
+        from keras_jem import checkpointing
+        from keras_jem import data
+        from trainers import fit
+        from trainers import presets
+
+        run_dir = tempfile.mkdtemp(prefix="igebm_backups_")
+        self.addCleanup(shutil.rmtree, run_dir, True)
+        config = presets.resolve("igebm", "digits", {"sn_filters": "8", "buffer_size": 100,
+                                                     "num_steps": 2})
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(config, f)
+        model = fit.build(config, data.get_info("digits"), steps_per_epoch=1)
+        backup = checkpointing.StepBackup(os.path.join(run_dir, "backup"), keep=3)
+        rng = np.random.default_rng(0)
+        x = self.test_images[:4]
+        energies = []
+        for step in (10, 20, 30):
+            model.set_weights([w + 0.05 * rng.normal(size=w.shape).astype(w.dtype)
+                               if w.dtype.kind == "f" else w for w in model.get_weights()])
+            backup.global_step = step
+            backup.save(model)
+            energies.append(testing.to_numpy(model.energy(x, y=np.full(4, 3))))
+        models, steps = sample_cli.load_checkpoints(run_dir, config, 2)
+        self.assertEqual(steps, [20, 30])  # newest last
+        from keras_jem import generation
+
+        np.testing.assert_allclose(
+            testing.to_numpy(generation.EnergySum(models).energy(x, np.full(4, 3, np.int32))),
+            energies[1] + energies[2], rtol=1e-5)
+        code, out, err = run_cli("--model_dir", run_dir, "--task", "ensemble", "--checkpoints",
+                                 "2", "--labels", "3,5", "--num_samples", "3",
+                                 "--num_steps", "5")
+        self.assertEqual(code, 0, err)
+        summary = json.loads(out.strip().splitlines()[-1])
+        self.assertEqual((summary["num_models"], summary["checkpoint_steps"]), (2, [20, 30]))
+        self.assertLess(summary["ensemble_energy_ensemble"], summary["ensemble_energy_start"])
+        # Rows: newest model (labels 3, 5), then the ensemble; 3 columns.
+        self.assertEqual(self.png_shape(summary["output"]), (4 * 33 - 1, 3 * 33 - 1))
+        code, _, err = run_cli("--model_dir", run_dir, "--task", "ensemble", "--checkpoints",
+                               "4")
+        self.assertEqual(code, 2)
+        self.assertIn("holds 3 readable backup(s)", err)
+
+    def test_ensemble_of_model_files(self):
+        path = os.path.join(self.model_dir, "model.keras")
+        code, out, err = run_cli("--model_dir", self.model_dir, "--task", "ensemble",
+                                 "--model_files", f"{path},{path}", "--num_samples", "4",
+                                 "--num_steps", "3")
+        self.assertEqual(code, 0, err)
+        summary = json.loads(out.strip().splitlines()[-1])
+        self.assertEqual(summary["num_models"], 2)
+        self.assertLess(summary["ensemble_energy_ensemble"], summary["ensemble_energy_start"])
+
     def test_bad_input_exits_with_code_2(self):
         missing = os.path.join(self.model_dir, "missing")
         for argv, message in (
@@ -108,6 +163,11 @@ class SampleCLITest(testing.TestCase):
              "not classes"),
             (["--model_dir", self.model_dir, "--task", "inpaint", "--from_buffer"],
              "uncond or cond"),
+            (["--model_dir", self.model_dir, "--task", "ensemble"], "--checkpoints N"),
+            (["--model_dir", self.model_dir, "--task", "ensemble", "--model_files", "nope.keras"],
+             "Missing: ['nope.keras']"),
+            (["--model_dir", self.model_dir, "--task", "cond", "--checkpoints", "2"],
+             "apply to --task ensemble only"),
         ):
             code, _, err = run_cli(*argv)
             self.assertEqual(code, 2, argv)

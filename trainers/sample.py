@@ -7,6 +7,9 @@ python -m trainers.sample --model_dir runs/igebm_digits --task cond
 python -m trainers.sample --model_dir runs/igebm_digits --task inpaint --num_samples 16
 python -m trainers.sample --model_dir runs/igebm_digits --task compose --labels 3,8
 python -m trainers.sample --model_dir runs/jem --task cond --sampler mala --num_steps 2000
+python -m trainers.sample --model_dir runs/igebm_digits --task ensemble --checkpoints 2
+python -m trainers.sample --model_dir runs/igebm_digits --task ensemble \
+    --model_files runs/a/model.keras,runs/b/model.keras,runs/c/model.keras --labels 3
 ```
 
 Reads `MODEL_DIR/model.keras` and `MODEL_DIR/config.json` (written by `trainers.fit`) and writes
@@ -20,6 +23,13 @@ Reads `MODEL_DIR/model.keras` and `MODEL_DIR/config.json` (written by `trainers.
   (`--num_rounds` rounds of `--num_steps` steps, default 5 rounds of 5).
 - `compose`: rows = samples of each label of `--labels`, then samples of the sum of their
   energies (the product of the conditionals), all from the same starting noise.
+- `ensemble`: IGEBM's historical ensemble (`keras_jem.generation.ensemble`): samples of the
+  newest model, then samples of the summed energies of several models, from the same noise
+  and with the same sampler budget (class-conditional with `--labels`: `--num_samples` per
+  label). The models are the `--checkpoints N` newest backups of `trainers.fit` in
+  `MODEL_DIR/backup` (restored into the model `MODEL_DIR/config.json` describes; `trainers.fit`
+  keeps the 2 newest, written every `--save_freq`), or the `.keras` files of `--model_files`
+  (e.g. models saved at several epochs with `keras.callbacks.ModelCheckpoint("ep{epoch}.keras")`).
 
 `--sampler mala` (uncond/cond) runs long chains of the Metropolis-adjusted Langevin algorithm
 (`keras_jem.sampling.MALA`, a correct MCMC sampler of p(x) or p(x | y), in inference mode) instead
@@ -41,7 +51,7 @@ import time
 
 from trainers import console
 
-TASKS = ("uncond", "cond", "inpaint", "denoise", "compose")
+TASKS = ("uncond", "cond", "inpaint", "denoise", "compose", "ensemble")
 MASKS = ("bottom", "top", "left", "right", "center", "random")
 SAMPLERS = ("model", "mala")
 
@@ -67,6 +77,10 @@ def build_parser():
         help="sampler steps (default: the model's sampler; denoise: per round, default 5)")
     add("--output", default=None, help="PNG path (default MODEL_DIR/samples_<task>.png)")
     add("--checkpoint", default=None, help="a .keras file to use instead of MODEL_DIR/model.keras")
+    add("--checkpoints", type=int, default=None,
+        help="ensemble: the N newest backups in MODEL_DIR/backup (trainers.fit keeps 2)")
+    add("--model_files", default=None,
+        help="ensemble: comma-separated .keras files (instead of --checkpoints)")
     add("--seed", type=int, default=0)
     add("--from_buffer", action="store_true",
         help="uncond/cond: continue chains of the replay buffer instead of starting from noise")
@@ -133,8 +147,13 @@ def validate_args(args):
     if not os.path.isdir(model_dir):
         raise SampleError(f"--model_dir {model_dir!r} does not exist.")
     args.model_dir = model_dir
+    _validate_ensemble(args)
     args.model_path = os.path.expanduser(args.checkpoint or os.path.join(model_dir, "model.keras"))
-    if not os.path.isfile(args.model_path):
+    if args.model_files:
+        args.model_path = args.model_files[-1]
+    if args.task == "ensemble" and args.checkpoints:
+        args.model_path = None  # the models come from the backups
+    elif not os.path.isfile(args.model_path):
         raise SampleError(
             f"No trained model at {args.model_path!r}. Train one with "
             f"`python -m trainers.fit --model_dir {model_dir} ...` or pass --checkpoint."
@@ -157,6 +176,58 @@ def validate_args(args):
         args.output or os.path.join(model_dir, f"samples_{args.task}.png")
     )
     return args
+
+
+def _validate_ensemble(args):
+    if args.task != "ensemble":
+        if args.checkpoints is not None or args.model_files is not None:
+            raise SampleError("--checkpoints and --model_files apply to --task ensemble only.")
+        return
+    if (args.checkpoints is None) == (args.model_files is None):
+        raise SampleError("--task ensemble needs the models: --checkpoints N (the newest "
+                          "backups in MODEL_DIR/backup) or --model_files a.keras,b.keras.")
+    if args.checkpoints is not None and args.checkpoints < 1:
+        raise SampleError(f"--checkpoints must be positive. Received: {args.checkpoints}")
+    if args.model_files is not None:
+        files = [os.path.expanduser(f) for f in args.model_files.split(",") if f.strip()]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if not files or missing:
+            raise SampleError(f"--model_files must list existing .keras files. Missing: "
+                              f"{missing or args.model_files!r}")
+        args.model_files = files
+
+
+def load_checkpoints(model_dir, config, count):
+    """The `count` newest backups of `trainers.fit` in `model_dir/backup`, newest last.
+
+    Each is restored into a fresh model built from the run's `config` (its model, backbone and
+    sampler settings) through `trainers.fit`'s factory.
+    """
+    from keras_jem import checkpointing
+    from keras_jem import data
+    from trainers import fit
+
+    backup = checkpointing.StepBackup(os.path.join(model_dir, "backup"))
+    entries = backup.checkpoints()
+    if len(entries) < count:
+        raise SampleError(
+            f"--checkpoints {count}: {backup.backup_dir} holds {len(entries)} readable backup(s) "
+            "(trainers.fit keeps the 2 newest). Use fewer, or save models at several epochs and "
+            "pass them with --model_files.")
+    if not config.get("model"):
+        raise SampleError(f"--checkpoints needs the run's settings: {model_dir}/config.json is "
+                          "missing or has no 'model'.")
+    config = dict(config, strategy="default", buffer_init="uniform")  # same variables
+    info = data.get_info(config["dataset"])
+    models = []
+    for entry in reversed(entries[:count]):
+        model = fit.build(config, info, steps_per_epoch=1)
+        try:
+            backup.restore(model, global_step=entry["global_step"])
+        except checkpointing.IncompatibleCheckpointError as error:
+            raise SampleError(str(error)) from None
+        models.append(model)
+    return models, [entry["global_step"] for entry in reversed(entries[:count])]
 
 
 def load_model(path):
@@ -269,7 +340,16 @@ def run(args):
     from keras_jem import generation
     from keras_jem.metrics import images as image_lib
 
-    model = load_model(args.model_path)
+    members = None
+    if args.task == "ensemble":
+        if args.checkpoints:
+            members, steps = load_checkpoints(args.model_dir, args.config, args.checkpoints)
+        else:
+            members = [load_model(path) for path in args.model_files]
+            steps = None
+        model = members[-1]
+    else:
+        model = load_model(args.model_path)
     if not getattr(model, "built", False) or getattr(model, "image_shape", None) is None:
         raise SampleError(f"The model in {args.model_path!r} is not built (no image_shape).")
     summary = {"task": args.task, "model_path": args.model_path, "output": args.output,
@@ -318,6 +398,26 @@ def run(args):
         summary["summed_energy_start"] = float(np.mean(to_numpy(target.energy(x_init))))
         summary["summed_energy_composed"] = float(np.mean(to_numpy(target.energy(composed))))
         grid = np.concatenate([single, composed])
+        num_cols = per_row
+    elif task == "ensemble":
+        labels = None if args.labels is None else _check_labels(model, args.labels)
+        per_row = args.num_samples or 8
+        y = None if labels is None else np.repeat(labels, per_row)
+        x_init = np.random.default_rng(args.seed).uniform(
+            -1.0, 1.0, (per_row * len(labels or [0]),) + tuple(model.image_shape)
+        ).astype(np.float32)
+        single = to_numpy(generation.ensemble([model], x_init=x_init, y=y,
+                                              num_steps=args.num_steps, seed=args.seed))
+        both = to_numpy(generation.ensemble(members, x_init=x_init, y=y,
+                                            num_steps=args.num_steps, seed=args.seed))
+        target = generation.EnergySum(members)
+        energy = (lambda x: float(np.mean(to_numpy(target.energy(x, None if y is None else
+                                                                 np.asarray(y, np.int32))))))
+        summary.update(labels=labels, num_models=len(members), checkpoint_steps=steps,
+                       model_files=args.model_files,
+                       ensemble_energy_start=energy(x_init), ensemble_energy_single=energy(single),
+                       ensemble_energy_ensemble=energy(both))
+        grid = np.concatenate([single, both])
         num_cols = per_row
     else:
         count = args.num_samples or 16

@@ -12,6 +12,8 @@ from keras_jem.models.energy_model import EnergyModel
 from keras_jem.models.energy_model import batch_size
 from keras_jem.sampling import noise
 
+CE_CLASSES = ("all", "batch")
+
 
 @keras.saving.register_keras_serializable(package="keras_jem")
 class JEM(EnergyModel):
@@ -49,6 +51,11 @@ class JEM(EnergyModel):
         conditional_sampling: draw the p(x) samples class-conditionally (random labels, class
             blocks of the buffer; JEM's `class_cond_p_x_sample`).
         px_weight, pyx_weight, pxy_weight: weights of the three terms (1, 1, 0).
+        ce_classes: `"all"` (the cross-entropy's softmax runs over every class) or `"batch"`
+            (over the classes present in the batch's labels only: the logits of absent classes
+            are masked out, so a class-incremental learner does not push down the classes of
+            earlier tasks; the "labels trick" of continual learning). The logged accuracy
+            and predictions always use every class.
         energy_l2_weight: weight of the L2 penalty on energies (0; ~0.1 stabilises training).
         sample_in_training_mode: run the sampler with `training=True` (JEM++ and SADA-JEM keep
             BatchNorm in training mode while sampling; JEM uses eval mode).
@@ -79,7 +86,7 @@ class JEM(EnergyModel):
     default_sampler_config: ClassVar[dict] = {"num_steps": 20, "step_size": 1.0, "noise_scale": 0.01}
 
     config_names = EnergyModel.config_names + (
-        "conditional_sampling", "px_weight", "pyx_weight", "pxy_weight")
+        "conditional_sampling", "px_weight", "pyx_weight", "pxy_weight", "ce_classes")
     tracked_terms = ("loss", "loss_ce", "loss_px", "loss_pxy", "energy_data", "energy_samples")
 
     def __init__(
@@ -94,6 +101,7 @@ class JEM(EnergyModel):
         px_weight=1.0,
         pyx_weight=1.0,
         pxy_weight=0.0,
+        ce_classes="all",
         **kwargs,
     ):
         if int(num_classes) != num_classes or num_classes < 2:
@@ -109,6 +117,12 @@ class JEM(EnergyModel):
             raise ValueError(
                 "At least one of `px_weight`, `pyx_weight`, `pxy_weight` must be positive."
             )
+        if ce_classes not in CE_CLASSES:
+            raise ValueError(
+                f"`ce_classes` must be one of {', '.join(CE_CLASSES)}. Received: "
+                f"ce_classes={ce_classes!r}"
+            )
+        self.ce_classes = ce_classes
         self.conditional_sampling = bool(conditional_sampling)
         self.px_weight = float(px_weight)
         self.pyx_weight = float(pyx_weight)
@@ -179,7 +193,8 @@ class JEM(EnergyModel):
             values = {"logits": logits}
             loss = 0.0
             if self.pyx_weight > 0:
-                ce = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+                ce = keras.losses.sparse_categorical_crossentropy(
+                    y, self._ce_logits(logits, y), from_logits=True)
                 if sample_weight is not None:
                     ce = ce * tf.cast(tf.reshape(sample_weight, (-1,)), ce.dtype)
                 values["loss_ce"] = tf.reduce_mean(ce)
@@ -220,6 +235,17 @@ class JEM(EnergyModel):
         if pxy:
             passes.append(pxy_samples)
         return passes
+
+    def _ce_logits(self, logits, y):
+        """The logits the cross-entropy sees: all, or those of the batch's classes only."""
+        if self.ce_classes == "all":
+            return logits
+        logits = tf.cast(logits, tf.float32)
+        present = tf.reduce_max(
+            tf.one_hot(tf.reshape(tf.cast(y, tf.int32), (-1,)), self.num_classes), axis=0) > 0
+        # A large finite value rather than -inf: exp underflows to 0 all the same and the
+        # gradient of an absent class is exactly 0, with no inf - inf anywhere.
+        return tf.where(present[None, :], logits, tf.constant(-1e9, tf.float32))
 
     def loss_terms(self, losses, values):
         """The total loss, the log terms and the logits from the passes' results."""
