@@ -414,7 +414,9 @@ def _rest_predict(port, images, timeout=30):
 
 
 def test_defaults_bind_loopback():
-    assert server_lib.build_parser().parse_args([]).host == "127.0.0.1"
+    from serving import cli
+
+    assert cli.build_parser().parse_args([]).host == "127.0.0.1"
     import inspect
 
     assert inspect.signature(server_lib.ModelServer).parameters["host"].default == "127.0.0.1"
