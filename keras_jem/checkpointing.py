@@ -197,6 +197,10 @@ class StepBackup(keras.callbacks.Callback):
 
             worker_index = distribute.worker_info()[0]
         self.worker_index = int(worker_index)
+        # Absolute: TensorFlow's checkpoint state records a relative directory's checkpoints
+        # relative to the working directory, not to the directory (the README's first command
+        # uses `--model_dir runs/jem`).
+        backup_dir = os.path.abspath(os.path.expanduser(backup_dir))
         self.root_dir = backup_dir
         self.backup_dir = (backup_dir if self.worker_index == 0
                            else os.path.join(backup_dir, f"worker_{self.worker_index}"))

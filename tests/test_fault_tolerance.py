@@ -190,6 +190,29 @@ class TestStepBackup(testing.TestCase):
         self.assertEqual(metadata["global_step"], 5)
         self.assertEqual([c["global_step"] for c in metadata["checkpoints"]], [5, 4, 3])
 
+    def test_relative_backup_dir_keeps_readable_checkpoints(self):
+        # `trainers.fit --model_dir runs/jem` (the README's first command) passes a relative
+        # directory; TensorFlow records its checkpoints relative to the working directory.
+        root = self.get_temp_dir()
+        previous = os.getcwd()
+        os.chdir(root)
+        try:
+            model = tiny_model()
+            backup = checkpointing.StepBackup(os.path.join("runs", "jem", "backup"),
+                                              steps_per_epoch=4)
+            for step in (1, 2):
+                backup.global_step = step
+                backup.save(model)
+            self.assertEqual([c["global_step"] for c in backup.checkpoints()], [2, 1])
+            restored = tiny_model()
+            again = checkpointing.StepBackup(os.path.join("runs", "jem", "backup"),
+                                             steps_per_epoch=4)
+            self.assertIsNotNone(again.restore(restored))
+            self.assertEqual(again.global_step, 2)
+            assert_same_state(state(model), state(restored))
+        finally:
+            os.chdir(previous)
+
     def test_incompatible_checkpoint_is_refused_before_loading(self):
         root = self.get_temp_dir()
         backup = checkpointing.StepBackup(root, steps_per_epoch=4)
