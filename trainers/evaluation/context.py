@@ -227,3 +227,14 @@ def refine_settings(args):
         "refine_noise": args.refine_noise,
         "refine_gradient": args.refine_gradient,
     }
+
+
+def with_problems(task, skipped, errors):
+    """`task` (a task's report entry) with the parts it skipped and the errors of the parts that
+    failed, keyed by part; `error` sums the errors up in one line."""
+    if skipped:
+        task["skipped"] = skipped
+    if errors:
+        task["errors"] = errors
+        task["error"] = "; ".join(f"{k}: {v}" for k, v in errors.items())
+    return task

@@ -5,6 +5,8 @@ import contextlib
 import inspect
 import os
 
+from trainers.evaluation.context import with_problems
+
 
 def _to_numpy(value):
     import keras
@@ -156,12 +158,7 @@ def task(context):
         "results": results,
         "figures": figures,
     }
-    if skipped:
-        task["skipped"] = skipped
-    if errors:
-        task["errors"] = errors
-        task["error"] = "; ".join(f"{k}: {v}" for k, v in errors.items())
-    return task
+    return with_problems(task, skipped, errors)
 
 
 def _generation_quality(context, buffer_images, probabilities_of, errors):

@@ -2,6 +2,8 @@
 
 import os
 
+from trainers.evaluation.context import with_problems
+
 #: What the `energy` score of a class-conditional IGEBM is (the official sandbox's score).
 CONDITIONAL_ENERGY_SCORE = "-min_y E(x, y) (conditional IGEBM, as the official ebm_sandbox.py)"
 
@@ -74,9 +76,4 @@ def task(context):
         "results": results,
         "figures": figures,
     }
-    if skipped:
-        task["skipped"] = skipped
-    if errors:
-        task["errors"] = errors
-        task["error"] = "; ".join(f"{k}: {v}" for k, v in errors.items())
-    return task
+    return with_problems(task, skipped, errors)
