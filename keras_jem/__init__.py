@@ -18,5 +18,6 @@ from keras_jem import models
 from keras_jem import optimizers
 from keras_jem import sampling
 from keras_jem.models import *
+from keras_jem.batch_norm import reestimate_batch_norm
 
 __version__ = "0.1.0"

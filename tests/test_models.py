@@ -198,8 +198,10 @@ class TrainingTest(testing.TestCase):
         self.assertLen(changed, 6)
         self.assertEqual(_rows(after[changed]), _rows(samples))
         # The chains were continued from the buffer, not from fresh noise: each sample is close
-        # to the buffer entry it replaced (2 steps of size 1 with small input gradients).
-        self.assertLess(np.abs(after[changed] - before[changed]).max(), 0.5)
+        # to the buffer entry it replaced (2 steps of size 1 with small input gradients). Fresh
+        # U(-1, 1) noise would differ from it by 2/3 per pixel on average; measured 0.06 (a
+        # bound on the largest pixel change, 0.5, failed at 0.58 when this test ran alone).
+        self.assertLess(np.abs(after[changed] - before[changed]).mean(), 0.2)
 
     def test_class_conditional_sample_from_buffer(self):
         model = self.models["sadajem"]  # buffer of 200 chains: blocks of 20 per class

@@ -23,6 +23,7 @@ last backup and continued with a new seed (at most `--max_rollbacks` times).
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -250,6 +251,11 @@ def run(config):
     return finish(state, history, rollbacks, wall_time)
 
 
+def _trainable_parameters(model):
+    """The trainable weights' size (`count_params` also counts the replay buffer)."""
+    return sum(math.prod(v.shape) for v in model.trainable_weights)
+
+
 def setup(config):
     """Strategy, model object (its constructors check the settings), then run directory, data
     and the built, compiled model."""
@@ -310,12 +316,13 @@ def setup(config):
     os.makedirs(os.path.join(model_dir, "checkpoints"), exist_ok=True)
     print(f"[trainers.fit] {config['model']} on {config['dataset']}: "
           f"{len(train_x)} training images, {steps} steps/epoch, {config['epochs']} epochs, "
-          f"{model.count_params():,} parameters; run directory {model_dir}", flush=True)
+          f"{_trainable_parameters(model):,} trainable parameters; run directory {model_dir}",
+          flush=True)
     # What `train` and `finish` need.
     return types.SimpleNamespace(
         config=config, strategy=strategy, model=model, model_dir=model_dir,
         config_path=config_path, previous_config=previous_config, make_train_ds=make_train_ds,
-        val_ds=val_ds, test_ds=test_ds, steps=steps)
+        val_ds=val_ds, test_ds=test_ds, steps=steps, train_images=train_x)
 
 
 def _write_json(path, value):
@@ -435,6 +442,14 @@ def finish(state, history, rollbacks, wall_time):
     import keras_jem
 
     config, model, model_dir = state.config, state.model, state.model_dir
+    reestimated = 0
+    if config["reestimate_batch_norm"]:
+        # The moving statistics are mostly the sampler's last batch's (see keras_jem.batch_norm).
+        reestimated = keras_jem.reestimate_batch_norm(model, state.train_images)
+        if reestimated:
+            print(f"[trainers.fit] BatchNorm moving statistics of {reestimated} layers "
+                  f"re-estimated on {min(len(state.train_images), 10000)} clean training images",
+                  flush=True)
     model.save(os.path.join(model_dir, "model.keras"))
     evaluation = model.evaluate(state.test_ds, verbose=0, return_dict=True)
     metrics = {
@@ -444,6 +459,7 @@ def finish(state, history, rollbacks, wall_time):
         "test_energy": _maybe_float(evaluation.get("energy_data")),
         "train_seconds": wall_time,
         "rollbacks": rollbacks,
+        "batch_norm_layers_reestimated": reestimated,
         "epochs": config["epochs"],
         "keras_jem_version": keras_jem.__version__,
     }

@@ -71,6 +71,9 @@ FLAGS = {
                         "mirrored replicas: the first N GPUs (no GPU: N logical CPUs)", None),
     "tpu": Flag("run", "tpu", str,
                 "TPU name or address for --strategy tpu (default: TPU_NAME or local)", None),
+    "reestimate_batch_norm": Flag("run", "reestimate_batch_norm", bool, (
+        "after training, set the BatchNorm moving statistics to those of up to 10,000 clean "
+        "training images (keras_jem.reestimate_batch_norm); no effect without BatchNorm"), None),
     "sample_every": Flag("run", "sample_every", int,
                          "write a PNG grid of samples every N epochs (0: never)", None),
     "max_rollbacks": Flag("run", "max_rollbacks", int,
@@ -151,6 +154,10 @@ FLAGS = {
                                  "loss/energy magnitude treated as divergence", "keras_jem.models.energy_model:EnergyModel"),
     "sample_in_training_mode": Flag("model", "sample_in_training_mode", bool,
                                     "BatchNorm in training mode while sampling", "keras_jem.models.energy_model:EnergyModel"),
+    "sample_statistics": Flag("model", "sample_statistics", str, (
+        "BatchNorm statistics of the sampler and the samples' loss pass: own (each batch's, "
+        "the papers') or data (the moving statistics of the data; docs/batch_norm.md)"),
+        "keras_jem.models.energy_model:EnergyModel"),
     # Sampler.
     "sampler": Flag("sampler", "name", str, "sgld or proximal", None),
     "num_steps": Flag("sampler", "num_steps", int, "sampler steps per training iteration",
@@ -208,10 +215,11 @@ MODEL_SETTINGS = {
 MODEL_ARGUMENTS = {
     "jem": ("buffer_size", "buffer_init", "buffer_covariance", "reinit_probability",
             "conditional_sampling", "px_weight", "pyx_weight", "pxy_weight", "energy_l2_weight",
-            "sample_in_training_mode", "divergence_threshold", "weight_decay"),
+            "sample_in_training_mode", "sample_statistics", "divergence_threshold",
+            "weight_decay"),
     "gmmc": ("mode", "center_scale", "beta", "start_generative", "buffer_size",
              "reinit_probability", "energy_l2_weight", "sample_in_training_mode",
-             "divergence_threshold", "weight_decay"),
+             "sample_statistics", "divergence_threshold", "weight_decay"),
     "igebm": ("buffer_size", "reinit_probability", "energy_l2_weight", "divergence_threshold",
               "sample_in_training_mode"),
 }
@@ -227,7 +235,8 @@ COMMON = {
     "run": {"model_dir": "runs/jem", "epochs": 20, "steps_per_epoch": None, "seed": 1,
             "jit_compile": "auto", "save_freq": "epoch", "mixed_precision": "none",
             "strategy": "default", "num_devices": None, "tpu": None, "sample_every": 1,
-            "max_rollbacks": 3, "verbose": "auto"},
+            "max_rollbacks": 3, "verbose": "auto",
+            "reestimate_batch_norm": False},
     "data": {"data_dir": None, "manual_dir": None, "download": False, "num_validation": 0,
              "augment": None, "augment_px": True, "test_noise_scale": 0.0},
     "backbone": {"name": "small_cnn", "conditional": True},
