@@ -68,6 +68,30 @@ def _energy_sampler(model, sampler):
     return SGLD(num_steps=40, step_size=1.0, noise_scale=0.01, clip_range=_value_range(model))
 
 
+def _run_sampler(sampler, target, x_init, labels, num_steps, seed, training):
+    """Runs `sampler` on `target`'s energy from `x_init` in one compiled graph.
+
+    Args:
+        sampler: a `keras_jem.sampling.Sampler`.
+        target: what the sampler follows (a model or an `EnergySum`).
+        x_init: float32 starting images.
+        labels: `None` or an int32 label tensor, one label per image.
+        num_steps: sampler steps, or `None` for the sampler's own.
+        seed: optional int seed.
+        training: the target's mode while sampling.
+
+    Returns:
+        A float32 tensor like `x_init`.
+    """
+    num_steps = sampler.num_steps if num_steps is None else int(num_steps)
+
+    @tf.function
+    def run(x, seed):
+        return sampler(target, x, y=labels, seed=seed, training=training, num_steps=num_steps)
+
+    return run(tf.constant(x_init), _seed_tensor(seed))
+
+
 def langevin(model, x_init, y=None, num_steps=None, sampler=None, seed=None, training=False):
     """Runs the sampler on `model`'s energy from `x_init` (no replay buffer).
 
@@ -89,13 +113,7 @@ def langevin(model, x_init, y=None, num_steps=None, sampler=None, seed=None, tra
     x_init = _check_images(model, x_init, "x_init")
     labels = _check_labels(model, y, len(x_init))
     sampler = _energy_sampler(model, sampler)
-    num_steps = sampler.num_steps if num_steps is None else int(num_steps)
-
-    @tf.function
-    def run(x, seed):
-        return sampler(model, x, y=labels, seed=seed, training=training, num_steps=num_steps)
-
-    return run(tf.constant(x_init), _seed_tensor(seed))
+    return _run_sampler(sampler, model, x_init, labels, num_steps, seed, training)
 
 
 def salt_and_pepper(images, fraction=0.1, seed=None, low=-0.8, high=0.8):
@@ -344,13 +362,7 @@ def compose(terms, num_samples=None, x_init=None, num_steps=None, sampler=None, 
     first = target.terms[0][0]
     x_init = _starting_images(first, num_samples, x_init, seed, "compose")
     sampler = _energy_sampler(first, sampler)
-    num_steps = sampler.num_steps if num_steps is None else int(num_steps)
-
-    @tf.function
-    def run(x, seed):
-        return sampler(target, x, seed=seed, training=training, num_steps=num_steps)
-
-    return run(tf.constant(x_init), _seed_tensor(seed))
+    return _run_sampler(sampler, target, x_init, None, num_steps, seed, training)
 
 
 def ensemble(models, num_samples=None, x_init=None, y=None, num_steps=None, sampler=None,
@@ -400,10 +412,4 @@ def ensemble(models, num_samples=None, x_init=None, y=None, num_steps=None, samp
     x_init = _starting_images(first, num_samples, x_init, seed, "ensemble")
     labels = _check_labels(first, y, len(x_init))
     sampler = _energy_sampler(first, sampler)
-    num_steps = sampler.num_steps if num_steps is None else int(num_steps)
-
-    @tf.function
-    def run(x, seed):
-        return sampler(target, x, y=labels, seed=seed, training=training, num_steps=num_steps)
-
-    return run(tf.constant(x_init), _seed_tensor(seed))
+    return _run_sampler(sampler, target, x_init, labels, num_steps, seed, training)

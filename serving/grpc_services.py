@@ -74,6 +74,16 @@ def _grpc_call(method):
     return handler
 
 
+def _unimplemented(name, message):
+    """A servicer method that answers every call UNIMPLEMENTED with `message`."""
+
+    async def method(self, request, context):
+        raise ServingError(grpc.StatusCode.UNIMPLEMENTED, message)
+
+    method.__name__ = name
+    return _grpc_call(method)
+
+
 _METHODS = {
     "tensorflow.serving.PredictionService": {
         "Predict": (predict_pb2.PredictRequest, "prediction"),
@@ -123,21 +133,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def GetModelMetadata(self, request, context):
         return self.core.get_model_metadata(request)
 
-    @_grpc_call
-    async def Regress(self, request, context):
-        raise ServingError(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "Regress is not implemented: keras-jem models are classifiers. Use Classify or "
-            "Predict.",
-        )
-
-    @_grpc_call
-    async def MultiInference(self, request, context):
-        raise ServingError(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "MultiInference is not implemented by this server; send Classify or Predict "
-            "requests.",
-        )
+    Regress = _unimplemented(
+        "Regress",
+        "Regress is not implemented: keras-jem models are classifiers. Use Classify or Predict.",
+    )
+    MultiInference = _unimplemented(
+        "MultiInference",
+        "MultiInference is not implemented by this server; send Classify or Predict requests.",
+    )
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
@@ -150,13 +153,11 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     async def GetModelStatus(self, request, context):
         return self.core.get_model_status(request)
 
-    @_grpc_call
-    async def HandleReloadConfigRequest(self, request, context):
-        raise ServingError(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "HandleReloadConfigRequest is not implemented; the server polls the model "
-            "directories instead (--poll_seconds).",
-        )
+    HandleReloadConfigRequest = _unimplemented(
+        "HandleReloadConfigRequest",
+        "HandleReloadConfigRequest is not implemented; the server polls the model "
+        "directories instead (--poll_seconds).",
+    )
 
 
 class ModelHealth:

@@ -14,10 +14,6 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from keras_jem import distribute
-
-distribute.configure_cpu_devices(2)
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -25,15 +21,12 @@ import tensorflow as tf
 import keras_jem
 from keras_jem import callbacks as jem_callbacks
 from keras_jem import checkpointing
+from keras_jem import distribute
 from keras_jem.backbones import SmallCNN
-
-MIRRORED = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-SINGLE = tf.distribute.get_strategy()
-SHAPE = (8, 8, 1)
-
-
-def numpy(x):
-    return np.asarray(keras.ops.convert_to_numpy(x))
+from tests.two_devices import MIRRORED  # splits the CPU: before any TensorFlow op
+from tests.two_devices import SHAPE
+from tests.two_devices import SINGLE
+from tests.two_devices import numpy
 
 
 def replica_copies(variable):
@@ -257,21 +250,27 @@ def check_rollback():
                                       verbose=0)
     good = {"weights": [numpy(v) for v in model.trainable_variables],
             "buffer": replica_copies(model.buffer.images)[0], "step": backup.global_step}
+
+    def fit_to_epoch_two(divergence_threshold):
+        """Continues the run with a fresh guard at `divergence_threshold`; returns the guard."""
+        model.divergence_threshold = divergence_threshold
+        model.make_train_function(force=True)
+        guard = jem_callbacks.DivergenceGuard()
+        backup.guard = guard
+        with MIRRORED.scope():
+            checkpointing.fit_from_backup(model, ds, backup, epochs=2, callbacks=[guard],
+                                          verbose=0)
+        return guard
+
     # Everything diverges now: the next steps must not reach the backup.
-    model.divergence_threshold = 1e-9
-    model.make_train_function(force=True)
-    guard = jem_callbacks.DivergenceGuard()
-    backup.guard = guard
+    guard = fit_to_epoch_two(1e-9)
+    moved = not all(np.array_equal(numpy(v), w)
+                    for v, w in zip(model.trainable_variables, good["weights"]))
     with MIRRORED.scope():
-        checkpointing.fit_from_backup(model, ds, backup, epochs=2, callbacks=[guard],
-                                      verbose=0)
-        diverged = guard.diverged
-        moved = not all(np.array_equal(numpy(v), w)
-                        for v, w in zip(model.trainable_variables, good["weights"]))
         backup.restore_on_all_workers(model, MIRRORED)
     copies = replica_copies(model.buffer.images)
     result = {
-        "diverged": diverged,
+        "diverged": guard.diverged,
         "weights_moved_before_rollback": moved,
         "restored_step": backup.global_step,
         "good_step": good["step"],
@@ -279,13 +278,7 @@ def check_rollback():
                                 for v, w in zip(model.trainable_variables, good["weights"])),
         "buffer_restored": all(np.array_equal(c, good["buffer"]) for c in copies),
     }
-    model.divergence_threshold = 1e8
-    model.make_train_function(force=True)
-    guard = jem_callbacks.DivergenceGuard()
-    backup.guard = guard
-    with MIRRORED.scope():
-        checkpointing.fit_from_backup(model, ds, backup, epochs=2, callbacks=[guard],
-                                      verbose=0)
+    fit_to_epoch_two(1e8)
     result["continued_to_step"] = backup.global_step
     return result
 

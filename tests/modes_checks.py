@@ -20,28 +20,22 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from keras_jem import distribute
-
-distribute.configure_cpu_devices(2)
-
 import keras
 import numpy as np
 import tensorflow as tf
 
 import keras_jem
+from keras_jem import distribute
 from keras_jem.backbones import SmallCNN
 from keras_jem.optimizers import SAM
+from tests.two_devices import MIRRORED  # splits the CPU: before any TensorFlow op
+from tests.two_devices import SHAPE
+from tests.two_devices import SINGLE
+from tests.two_devices import numpy
 
-MIRRORED = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-SINGLE = tf.distribute.get_strategy()
-SHAPE = (8, 8, 1)
 LEARNING_RATE = 0.1
 WEIGHT_DECAY = 0.05
 HALF = 8  # images per replica
-
-
-def numpy(x):
-    return np.asarray(keras.ops.convert_to_numpy(x))
 
 
 def make_model(strategy, weight_decay):

@@ -6,32 +6,18 @@ process that already ran TensorFlow cannot do.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from keras_jem import distribute
+from tests import testing
 from trainers import fit
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def two_replicas(tmp_path_factory):
     out = tmp_path_factory.mktemp("distribute") / "results.json"
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tests", "distribute_checks.py"), str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
-        check=False,
-    )
-    if not out.exists():
-        raise AssertionError(f"distribute_checks.py failed ({result.returncode}):\n"
-                             f"{result.stderr[-6000:]}")
-    return json.loads(out.read_text())
+    return testing.run_checks_script("distribute_checks.py", out, timeout=1200)
 
 
 def section(results, name):

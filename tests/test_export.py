@@ -470,7 +470,7 @@ def test_failed_export_leaves_no_version(model, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "write_warmup_requests", fail)
+    monkeypatch.setattr(export.serving_model, "write_warmup_requests", fail)
     with pytest.raises(RuntimeError, match="disk full"):
         export.export_serving_model(model, tmp_path)
     assert os.listdir(tmp_path) == []

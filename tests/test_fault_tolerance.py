@@ -62,6 +62,18 @@ class Positions(keras.callbacks.Callback):
 
 
 class TestStepBackup(testing.TestCase):
+    def assertRestores(self, root, model, expected_state, step):
+        """A new `StepBackup` of `root` restores `expected_state` into `model`, at `step`.
+
+        Returns:
+            The restoring `StepBackup`.
+        """
+        backup = checkpointing.StepBackup(root, steps_per_epoch=4)
+        backup.restore(model)
+        self.assertEqual(backup.global_step, step)
+        assert_same_state(state(model), expected_state)
+        return backup
+
     def saved_at_step(self, step):
         """A tiny model and a backup holding one checkpoint of it at `step`."""
         root = self.get_temp_dir()
@@ -153,10 +165,7 @@ class TestStepBackup(testing.TestCase):
                 f.write(b"partial")
         os.makedirs(os.path.join(root, "ckpt-2_temp"))
         model.buffer.images.assign(np.zeros(model.buffer.images.shape, "float32"))
-        backup = checkpointing.StepBackup(root, steps_per_epoch=4)
-        backup.restore(model)
-        assert_same_state(state(model), good)
-        self.assertEqual(backup.global_step, 4)
+        backup = self.assertRestores(root, model, good, step=4)
         # The next save writes over the leftovers.
         backup.global_step = 6
         backup.save(model)
@@ -172,10 +181,7 @@ class TestStepBackup(testing.TestCase):
         latest = backup.save(model)
         with open(latest + ".data-00000-of-00001", "wb") as f:
             f.write(b"garbage")
-        backup = checkpointing.StepBackup(root, steps_per_epoch=4)
-        backup.restore(model)
-        self.assertEqual(backup.global_step, 4)
-        assert_same_state(state(model), first)
+        self.assertRestores(root, model, first, step=4)
 
     def test_keep_bounds_the_number_of_checkpoints(self):
         root = self.get_temp_dir()
@@ -256,10 +262,7 @@ class TestStepBackup(testing.TestCase):
             variable.assign(before)
         model.trainable_variables[0].assign(np.full(model.trainable_variables[0].shape, np.nan,
                                                     "float32"))
-        restored = checkpointing.StepBackup(root, steps_per_epoch=4)
-        restored.restore(model)
-        self.assertEqual(restored.global_step, 4)
-        assert_same_state(state(model), good)
+        self.assertRestores(root, model, good, step=4)
 
     def test_non_finite_state_during_fit_is_reported_as_a_divergence(self):
         # NaN in an optimizer slot after a step whose loss was finite: the guard has seen

@@ -32,6 +32,7 @@ from tests.test_serving import logits_of
 from tests.test_serving import make_model
 from tests.test_serving import predict_request
 from tests.test_serving import random_images
+from tests.test_serving import tensor_proto
 from tests.test_serving import wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,15 +125,7 @@ def _check_memory(state):
 def _declared(shape, dtype=types_pb2.DT_FLOAT, **values):
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "jem"
-    proto = request.inputs["images"]
-    proto.dtype = dtype
-    for size in shape:
-        proto.tensor_shape.dim.add().size = size
-    for field, data in values.items():
-        if field == "tensor_content":
-            proto.tensor_content = data
-        else:
-            getattr(proto, field).extend(data)
+    request.inputs["images"].CopyFrom(tensor_proto(dtype, shape, **values))
     return request
 
 

@@ -45,6 +45,13 @@ def _compile(model):
     return model
 
 
+def _prepare(model, weights, buffer):
+    """Sets the model's weights (a dict by shape) and replay buffer, and compiles it (SGD)."""
+    testing.assign_by_shape(model.trainable_variables, weights)
+    testing.set_buffer_images(model, buffer)
+    return _compile(model)
+
+
 def _gradient(formula, weights):
     """Values and gradients of `formula(weights) -> (loss, terms)` at `weights` (a dict)."""
     variables = {k: tf.Variable(v, dtype=tf.float32) for k, v in weights.items()}
@@ -61,6 +68,11 @@ def _update(gradients, weights, weight_decay=0.0):
     return {k: -LEARNING_RATE * (gradients[k] + weight_decay * weights[k]) for k in gradients}
 
 
+def _formula_update(formula, weights):
+    """The plain SGD update of the gradient of `formula` at `weights` (for planted bugs)."""
+    return _update(_gradient(formula, weights)[2], weights)
+
+
 def _max_difference(a, b):
     return max(float(np.abs(np.asarray(a[k]) - np.asarray(b[k])).max()) for k in a)
 
@@ -73,6 +85,18 @@ class KnownAnswerCase(testing.TestCase):
         for key, value in actual.items():
             self.assertAllClose(value, expected_update[key], atol=TOLERANCE, rtol=0,
                                 msg=f"weight update of the variable of shape {key}")
+
+    def assertStep(self, model, logs, formula, weights):
+        """The step logged `formula`'s terms and moved the weights by its SGD update.
+
+        Returns:
+            The expected update (the weights were `weights` before the step).
+        """
+        _, terms, grads = _gradient(formula, weights)
+        self.assertLogs(logs, terms)
+        expected = _update(grads, weights)
+        self.assertUpdate(model, {k: np.float32(v) for k, v in weights.items()}, expected)
+        return expected
 
     def assertSensitive(self, expected_update, buggy_updates):
         """Each planted bug moves the expected update by far more than the tolerance."""
@@ -188,10 +212,8 @@ class JEMLossTest(KnownAnswerCase):
                            sampling.SGLD(num_steps=1, step_size=self.STEP, noise_scale=0.0),
                            buffer_size, **kwargs)
         weights = _jem_weights(rng, self.NUM_CLASSES)
-        testing.assign_by_shape(model.trainable_variables, weights)
         buffer = _block_images(rng, buffer_size)
-        testing.set_buffer_images(model, buffer)
-        return _compile(model), weights, buffer, rng
+        return _prepare(model, weights, buffer), weights, buffer, rng
 
     def _sgld(self, weights, start, y=None):
         return start - self.STEP * _np_energy_gradient(weights, start, self.NUM_CLASSES, y)
@@ -237,21 +259,16 @@ class JEMLossTest(KnownAnswerCase):
             return _jem_formula(x_ce, x_px, y, samples, samples_y, px_weight, pyx_weight,
                                 pxy_weight, sample_weight=sample_weight, **bug)
 
-        _, terms, grads = _gradient(formula(), weights)
-        self.assertLogs(logs, terms)
-        expected = _update(grads, weights)
-        self.assertUpdate(model, {k: np.float32(v) for k, v in weights.items()}, expected)
+        expected = self.assertStep(model, logs, formula(), weights)
         buggy = {
-            "p(x, y) sign flipped": _update(_gradient(formula(pxy_sign=-1.0), weights)[2],
-                                            weights),
-            "px_weight ignored on samples": _update(
-                _gradient(formula(px_samples_weight=1.0), weights)[2], weights),
-            "likelihood on the CE images": _update(_gradient(_jem_formula(
+            "p(x, y) sign flipped": _formula_update(formula(pxy_sign=-1.0), weights),
+            "px_weight ignored on samples": _formula_update(formula(px_samples_weight=1.0),
+                                                            weights),
+            "likelihood on the CE images": _formula_update(_jem_formula(
                 x_ce, x_ce, y, samples, samples_y, px_weight, pyx_weight, pxy_weight,
-                sample_weight=sample_weight), weights)[2], weights),
-            "sample_weight ignored": _update(_gradient(_jem_formula(
-                x_ce, x_px, y, samples, samples_y, px_weight, pyx_weight, pxy_weight),
-                weights)[2], weights),
+                sample_weight=sample_weight), weights),
+            "sample_weight ignored": _formula_update(_jem_formula(
+                x_ce, x_px, y, samples, samples_y, px_weight, pyx_weight, pxy_weight), weights),
         }
         self.assertSensitive(expected, buggy)
 
@@ -275,19 +292,15 @@ class JEMLossTest(KnownAnswerCase):
             return _jem_formula(x, x, y, samples, None, px_weight, pyx_weight, 0.0, l2=l2,
                                 **bug)
 
-        _, terms, grads = _gradient(formula(), weights)
-        self.assertLogs(logs, terms)
-        expected = _update(grads, weights)
-        self.assertUpdate(model, {k: np.float32(v) for k, v in weights.items()}, expected)
+        expected = self.assertStep(model, logs, formula(), weights)
         unconditional = self._sgld(weights, call["start"])
         self.assertSensitive(expected, {
-            "px_weight ignored on samples": _update(
-                _gradient(formula(px_samples_weight=1.0), weights)[2], weights),
-            "energy_l2 dropped": _update(_gradient(_jem_formula(
-                x, x, y, samples, None, px_weight, pyx_weight, 0.0), weights)[2], weights),
-            "unconditional chains": _update(_gradient(_jem_formula(
-                x, x, y, unconditional, None, px_weight, pyx_weight, 0.0, l2=l2),
-                weights)[2], weights),
+            "px_weight ignored on samples": _formula_update(formula(px_samples_weight=1.0),
+                                                            weights),
+            "energy_l2 dropped": _formula_update(_jem_formula(
+                x, x, y, samples, None, px_weight, pyx_weight, 0.0), weights),
+            "unconditional chains": _formula_update(_jem_formula(
+                x, x, y, unconditional, None, px_weight, pyx_weight, 0.0, l2=l2), weights),
         })
 
 
@@ -300,10 +313,8 @@ class JEMPPLossTest(KnownAnswerCase):
         model = _jem_model(keras_jem.JEMPP, num_classes, sampler, 8, weight_decay=weight_decay)
         weights = _jem_weights(rng, num_classes)
         weights[(DIM, FEATURES)] *= 2.0  # large input gradients: the clip at 1 is active
-        testing.assign_by_shape(model.trainable_variables, weights)
         buffer = _images(rng, 8, -0.95, 0.95)
-        testing.set_buffer_images(model, buffer)
-        _compile(model)
+        _prepare(model, weights, buffer)
         x_ce, x_px = _images(rng, 4), _images(rng, 4) * 0.5 - 0.3
         y = np.array([0, 1, 0, 1])
         logs = model.train_on_batch({"images": x_ce, "px_images": x_px}, y, return_dict=True)
@@ -360,10 +371,8 @@ class SADAJEMLossTest(KnownAnswerCase):
                            weight_decay=weight_decay)
         weights = _jem_weights(rng, num_classes)
         weights[(DIM, FEATURES)] *= 2.0
-        testing.assign_by_shape(model.trainable_variables, weights)
         buffer = _images(rng, 8, -0.95, 0.95)
-        testing.set_buffer_images(model, buffer)
-        _compile(model)
+        _prepare(model, weights, buffer)
         # SADA-JEM's streams: augmented CE batch (4) and a smaller clean p(x) batch (3) that
         # sits elsewhere in input space.
         x_ce, x_px = _images(rng, 4), _images(rng, 3) * 0.3 + 0.6
@@ -481,14 +490,14 @@ class GMMCLossTest(KnownAnswerCase):
         self.assertLogs(logs, terms)
         expected = _update(grads, weights)
         self.assertSensitive(expected, {
-            "beta dropped": _update(_gradient(self._formula(
-                x, y, centers, samples, sample_weight, beta=1.0), weights)[2], weights),
-            "samples' sign flipped": _update(_gradient(self._formula(
-                x, y, centers, samples, sample_weight, beta=-self.BETA), weights)[2], weights),
-            "energy_l2 dropped": _update(_gradient(self._formula(
-                x, y, centers, samples, sample_weight, l2=0.0), weights)[2], weights),
-            "discriminative loss": _update(_gradient(self._formula(
-                x, y, centers, None, sample_weight), weights)[2], weights),
+            "beta dropped": _formula_update(self._formula(
+                x, y, centers, samples, sample_weight, beta=1.0), weights),
+            "samples' sign flipped": _formula_update(self._formula(
+                x, y, centers, samples, sample_weight, beta=-self.BETA), weights),
+            "energy_l2 dropped": _formula_update(self._formula(
+                x, y, centers, samples, sample_weight, l2=0.0), weights),
+            "discriminative loss": _formula_update(self._formula(
+                x, y, centers, None, sample_weight), weights),
         })
         return expected
 
@@ -498,12 +507,10 @@ class GMMCLossTest(KnownAnswerCase):
         sample_weight = np.array([1.0, 0.5, 2.0, 0.1], np.float32)
         logs = model.train_on_batch(x, y, sample_weight=sample_weight, return_dict=True)
         self.assertEmpty(model.sampler.calls)
-        _, terms, grads = _gradient(self._formula(x, y, centers, None, sample_weight), weights)
-        self.assertLogs(logs, terms)
-        expected = _update(grads, weights)
-        self.assertUpdate(model, {k: np.float32(v) for k, v in weights.items()}, expected)
-        self.assertSensitive(expected, {"sample_weight ignored": _update(
-            _gradient(self._formula(x, y, centers), weights)[2], weights)})
+        expected = self.assertStep(model, logs, self._formula(x, y, centers, None, sample_weight),
+                                   weights)
+        self.assertSensitive(expected, {
+            "sample_weight ignored": _formula_update(self._formula(x, y, centers), weights)})
 
     def test_generative_with_sample_weight(self):
         model, weights, buffer, centers, rng = self._setup("generative")
@@ -542,6 +549,15 @@ class GMMCLossTest(KnownAnswerCase):
 # === IGEBM: E(x) = (x K + c) v + b ===
 
 
+def _igebm_loss(e_pos, e_neg, l2, sign=1.0):
+    """IGEBM's loss and logged terms from the energies of the positives and the samples."""
+    loss_ml = sign * (tf.reduce_mean(e_pos) - tf.reduce_mean(e_neg))
+    loss_l2 = tf.reduce_mean(e_pos ** 2) + tf.reduce_mean(e_neg ** 2)
+    total = loss_ml + l2 * loss_l2
+    return total, {"loss": total, "loss_ml": loss_ml, "loss_l2": loss_l2,
+                   "energy_data": tf.reduce_mean(e_pos), "energy_samples": tf.reduce_mean(e_neg)}
+
+
 class IGEBMLossTest(KnownAnswerCase):
     def test_clipped_langevin_negatives_likelihood_stream_and_l2(self):
         rng = np.random.default_rng(17)
@@ -557,10 +573,8 @@ class IGEBMLossTest(KnownAnswerCase):
                    (FEATURES,): rng.normal(0, 0.3, (FEATURES,)),
                    (FEATURES, 1): rng.normal(0, 0.8, (FEATURES, 1)),
                    (1,): np.array([0.4])}
-        testing.assign_by_shape(model.trainable_variables, weights)
         buffer = _images(rng, 8)
-        testing.set_buffer_images(model, buffer)
-        _compile(model)
+        _prepare(model, weights, buffer)
         x_ce, x_px = _images(rng, 4), _images(rng, 4) * 0.3 + 0.5
         logs = model.train_on_batch({"images": x_ce, "px_images": x_px}, return_dict=True)
 
@@ -577,26 +591,15 @@ class IGEBMLossTest(KnownAnswerCase):
                                   @ w[(FEATURES, 1)], -1) + w[(1,)][0]
 
             def loss(w):
-                e_pos, e_neg = energy(w, positives), energy(w, samples)
-                loss_ml = sign * (tf.reduce_mean(e_pos) - tf.reduce_mean(e_neg))
-                loss_l2 = tf.reduce_mean(e_pos ** 2) + tf.reduce_mean(e_neg ** 2)
-                total = loss_ml + l2 * loss_l2
-                return total, {"loss": total, "loss_ml": loss_ml, "loss_l2": loss_l2,
-                               "energy_data": tf.reduce_mean(e_pos),
-                               "energy_samples": tf.reduce_mean(e_neg)}
+                return _igebm_loss(energy(w, positives), energy(w, samples), l2, sign)
 
             return loss
 
-        _, terms, grads = _gradient(formula(), weights)
-        self.assertLogs(logs, terms)
-        expected = _update(grads, weights)
-        self.assertUpdate(model, {k: np.float32(v) for k, v in weights.items()}, expected)
+        expected = self.assertStep(model, logs, formula(), weights)
         self.assertSensitive(expected, {
-            "positives from the CE images": _update(
-                _gradient(formula(positives=x_ce), weights)[2], weights),
-            "contrastive sign flipped": _update(_gradient(formula(sign=-1.0), weights)[2],
-                                                weights),
-            "energy_l2 dropped": _update(_gradient(formula(l2=0.0), weights)[2], weights),
+            "positives from the CE images": _formula_update(formula(positives=x_ce), weights),
+            "contrastive sign flipped": _formula_update(formula(sign=-1.0), weights),
+            "energy_l2 dropped": _formula_update(formula(l2=0.0), weights),
         })
 
 
@@ -633,10 +636,8 @@ class ConditionalIGEBMLossTest(KnownAnswerCase):
         weights = {(DIM, FEATURES): rng.normal(0, 0.8, (DIM, FEATURES)),
                    (num_classes, FEATURES): rng.normal(0, 1.0, (num_classes, FEATURES)),
                    (FEATURES, 1): rng.normal(0, 0.8, (FEATURES, 1)), (1,): np.array([0.2])}
-        testing.assign_by_shape(model.trainable_variables, weights)
         buffer = _images(rng, 8, -0.5, 0.5)
-        testing.set_buffer_images(model, buffer)
-        _compile(model)
+        _prepare(model, weights, buffer)
         x_ce, x_px = _images(rng, 4), _images(rng, 4) * 0.3 + 0.5
         y = np.array([1, 0, 0, 1])
         logs = model.train_on_batch({"images": x_ce, "px_images": x_px}, y, return_dict=True)
@@ -658,23 +659,12 @@ class ConditionalIGEBMLossTest(KnownAnswerCase):
                 return tf.squeeze(features @ w[(FEATURES, 1)], -1) + w[(1,)][0]
 
             def loss(w):
-                e_pos, e_neg = energy(w, positives, labels), energy(w, samples, y)
-                loss_ml = tf.reduce_mean(e_pos) - tf.reduce_mean(e_neg)
-                loss_l2 = tf.reduce_mean(e_pos ** 2) + tf.reduce_mean(e_neg ** 2)
-                total = loss_ml + l2 * loss_l2
-                return total, {"loss": total, "loss_ml": loss_ml, "loss_l2": loss_l2,
-                               "energy_data": tf.reduce_mean(e_pos),
-                               "energy_samples": tf.reduce_mean(e_neg)}
+                return _igebm_loss(energy(w, positives, labels), energy(w, samples, y), l2)
 
             return loss
 
-        _, terms, grads = _gradient(formula(), weights)
-        self.assertLogs(logs, terms)
-        expected = _update(grads, weights)
-        self.assertUpdate(model, {k: np.float32(v) for k, v in weights.items()}, expected)
+        expected = self.assertStep(model, logs, formula(), weights)
         self.assertSensitive(expected, {
-            "positives from px_images": _update(_gradient(formula(positives=x_px), weights)[2],
-                                                weights),
-            "positives with other labels": _update(
-                _gradient(formula(labels=1 - y), weights)[2], weights),
+            "positives from px_images": _formula_update(formula(positives=x_px), weights),
+            "positives with other labels": _formula_update(formula(labels=1 - y), weights),
         })

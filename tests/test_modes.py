@@ -13,11 +13,6 @@ replicas (R times too much decay with R replicas), and to the loss-scaled gradie
 mixed_float16 (2^15 times too little). The controls without weight decay pass.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
@@ -26,24 +21,13 @@ import keras_jem
 from keras_jem.backbones import SmallCNN
 from tests import testing
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 # === MirroredStrategy ===
 
 
 @pytest.fixture(scope="module")
 def mirrored(tmp_path_factory):
     out = tmp_path_factory.mktemp("modes") / "results.json"
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tests", "modes_checks.py"), str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
-    if not out.exists():
-        raise AssertionError(f"modes_checks.py failed ({result.returncode}):\n"
-                             f"{result.stderr[-6000:]}")
-    return json.loads(out.read_text())
+    return testing.run_checks_script("modes_checks.py", out, timeout=900)
 
 
 def test_mirrored_control_without_weight_decay(mirrored):

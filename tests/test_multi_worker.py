@@ -45,6 +45,14 @@ def start_workers(args, logs, num_workers=2):
     return processes
 
 
+def kill_all(processes):
+    """Kills and reaps every worker still running."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def wait_all(processes, logs, timeout):
     """Waits for every worker; kills them all and fails with their logs on error or timeout."""
     deadline = time.time() + timeout
@@ -54,10 +62,7 @@ def wait_all(processes, logs, timeout):
     except subprocess.TimeoutExpired:
         pass
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        kill_all(processes)
     codes = [p.returncode for p in processes]
     if any(codes):
         tails = "\n".join(f"--- worker {i} (exit {c}) ---\n"
@@ -174,10 +179,7 @@ def test_cli_two_workers_killed_worker_then_same_commands_resume(tmp_path):
         except subprocess.TimeoutExpired:
             pass
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        kill_all(processes)
 
     processes = start_workers(args, tmp_path)
     wait_all(processes, tmp_path, timeout=600)

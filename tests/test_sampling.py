@@ -227,11 +227,19 @@ class SGLDTest(testing.TestCase):
 
 
 class ProximalSGLDTest(testing.TestCase):
-    def test_stem_path_matches_recurrence(self):
+    def _run(self, target_class):
+        """Two outer and three inner steps on `target_class(weights)` from uniform starts.
+
+        Returns:
+            `(weights, start, samples)`.
+        """
         weights = np.array([1.0, 2.0, -1.0, 0.5], "float32").reshape(1, 2, 2, 1)
         start = _uniform((5, 2, 2, 1), -0.9, 0.9)
         sampler = ProximalSGLD(num_steps=2, inner_steps=3, step_size=0.2, gradient_clip=0.5)
-        samples = sampler(SquareStemTarget(weights), start, seed=_seed(0))
+        return weights, start, sampler(target_class(weights), start, seed=_seed(0))
+
+    def test_stem_path_matches_recurrence(self):
+        weights, start, samples = self._run(SquareStemTarget)
         # p = dE/dh = weights; the inner gradient d<stem(x), p>/dx = 2 * weights * x is
         # recomputed at every inner step (the stem is re-differentiated).
         expected = start.astype("float64")
@@ -240,10 +248,7 @@ class ProximalSGLDTest(testing.TestCase):
         self.assertAllClose(samples, expected, atol=1e-6)
 
     def test_fallback_path_matches_recurrence(self):
-        weights = np.array([1.0, 2.0, -1.0, 0.5], "float32").reshape(1, 2, 2, 1)
-        start = _uniform((5, 2, 2, 1), -0.9, 0.9)
-        sampler = ProximalSGLD(num_steps=2, inner_steps=3, step_size=0.2, gradient_clip=0.5)
-        samples = sampler(SquareTarget(weights), start, seed=_seed(0))
+        weights, start, samples = self._run(SquareTarget)
         # Without a stem: one energy gradient per outer step, reused for the inner steps.
         expected = start.astype("float64")
         for _ in range(2):
@@ -251,7 +256,7 @@ class ProximalSGLDTest(testing.TestCase):
             for _ in range(3):
                 expected = np.clip(expected - 0.2 * direction, -1, 1)
         self.assertAllClose(samples, expected, atol=1e-6)
-        stem_samples = sampler(SquareStemTarget(weights), start, seed=_seed(0))
+        _, _, stem_samples = self._run(SquareStemTarget)  # the same starts and seed
         self.assertGreater(float(np.abs(samples - stem_samples).max()), 0.05)
 
     def test_model_target(self):

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from tensorflow.core.framework import tensor_pb2
 from tensorflow_serving.apis import classification_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
@@ -96,6 +97,20 @@ def predict_request(images, model="jem", signature="", version=None, label=None)
         request.model_spec.version_label = label
     request.inputs["images"].CopyFrom(tf.make_tensor_proto(images))
     return request
+
+
+def tensor_proto(dtype, shape, **fields):
+    """A `TensorProto` of `dtype` declaring `shape`, with `fields` (e.g. `float_val=[1.0]`,
+    `tensor_content=b"..."`) as given: it need not match the shape."""
+    proto = tensor_pb2.TensorProto(dtype=dtype)
+    for size in shape:
+        proto.tensor_shape.dim.add().size = size
+    for name, values in fields.items():
+        if name == "tensor_content":
+            proto.tensor_content = values
+        else:
+            getattr(proto, name).extend(values)
+    return proto
 
 
 def classify_request(examples, model="jem", signature="classify"):

@@ -34,26 +34,15 @@ from tests.test_serving import assert_logits
 from tests.test_serving import make_model
 from tests.test_serving import predict_request
 from tests.test_serving import random_images
+from tests.test_serving import tensor_proto
 
 # --- tensors -------------------------------------------------------------------------------
-
-
-def _proto(dtype, shape, **fields):
-    proto = tensor_pb2.TensorProto(dtype=dtype)
-    for size in shape:
-        proto.tensor_shape.dim.add().size = size
-    for name, values in fields.items():
-        if name == "tensor_content":
-            proto.tensor_content = values
-        else:
-            getattr(proto, name).extend(values)
-    return proto
 
 
 def test_declared_huge_tensor_is_refused_before_allocating():
     """One float_val declaring 2^32 floats (16 GB): refused in microseconds."""
     for shape in ([2**32], [8388608, 8, 8, 1], [2**62, 2**62]):
-        proto = _proto(types_pb2.DT_FLOAT, shape, float_val=[1.0])
+        proto = tensor_proto(types_pb2.DT_FLOAT, shape, float_val=[1.0])
         start = time.perf_counter()
         with pytest.raises(errors.ServingError) as info:
             tensors.tensor_proto_to_numpy(proto, "x", max_bytes=1 << 20)
@@ -63,19 +52,19 @@ def test_declared_huge_tensor_is_refused_before_allocating():
 
 
 @pytest.mark.parametrize("proto", [
-    _proto(types_pb2.DT_FLOAT, [2, 3], float_val=[1.5]),
-    _proto(types_pb2.DT_FLOAT, [2, 3], float_val=[1.0, 2.0]),
-    _proto(types_pb2.DT_FLOAT, [2, 3]),
-    _proto(types_pb2.DT_INT64, [4], int64_val=[7, -2]),
-    _proto(types_pb2.DT_INT32, [3, 1], int_val=[5]),
-    _proto(types_pb2.DT_UINT8, [2, 2], int_val=[1, 2, 3, 255]),
-    _proto(types_pb2.DT_BOOL, [3], bool_val=[True]),
-    _proto(types_pb2.DT_HALF, [2], half_val=[15360, 16384]),  # 1.0, 2.0 as float16 bits
-    _proto(types_pb2.DT_DOUBLE, [2], double_val=[0.25, -1.0]),
-    _proto(types_pb2.DT_STRING, [3], string_val=[b"a", b"bc"]),
-    _proto(types_pb2.DT_FLOAT, [0, 5]),
-    _proto(types_pb2.DT_FLOAT, [], float_val=[3.0]),
-    _proto(types_pb2.DT_FLOAT, [2], tensor_content=np.array([1, 2], "<f4").tobytes()),
+    tensor_proto(types_pb2.DT_FLOAT, [2, 3], float_val=[1.5]),
+    tensor_proto(types_pb2.DT_FLOAT, [2, 3], float_val=[1.0, 2.0]),
+    tensor_proto(types_pb2.DT_FLOAT, [2, 3]),
+    tensor_proto(types_pb2.DT_INT64, [4], int64_val=[7, -2]),
+    tensor_proto(types_pb2.DT_INT32, [3, 1], int_val=[5]),
+    tensor_proto(types_pb2.DT_UINT8, [2, 2], int_val=[1, 2, 3, 255]),
+    tensor_proto(types_pb2.DT_BOOL, [3], bool_val=[True]),
+    tensor_proto(types_pb2.DT_HALF, [2], half_val=[15360, 16384]),  # 1.0, 2.0 as float16 bits
+    tensor_proto(types_pb2.DT_DOUBLE, [2], double_val=[0.25, -1.0]),
+    tensor_proto(types_pb2.DT_STRING, [3], string_val=[b"a", b"bc"]),
+    tensor_proto(types_pb2.DT_FLOAT, [0, 5]),
+    tensor_proto(types_pb2.DT_FLOAT, [], float_val=[3.0]),
+    tensor_proto(types_pb2.DT_FLOAT, [2], tensor_content=np.array([1, 2], "<f4").tobytes()),
 ], ids=lambda p: f"{types_pb2.DataType.Name(p.dtype)}{[d.size for d in p.tensor_shape.dim]}")
 def test_legal_forms_decode_like_tensorflow(proto):
     """TensorFlow's own `tf.make_ndarray` is the reference, short forms included."""
@@ -90,13 +79,13 @@ def test_legal_forms_decode_like_tensorflow(proto):
 
 
 @pytest.mark.parametrize("proto, message", [
-    (_proto(types_pb2.DT_FLOAT, [2], float_val=[1, 2, 3]), "3 values for shape"),
-    (_proto(types_pb2.DT_FLOAT, [-1, 2], float_val=[1]), "must be >= 0"),
-    (_proto(types_pb2.DT_FLOAT, [1] * 40), "rank 40"),
-    (_proto(types_pb2.DT_FLOAT, [3], tensor_content=b"\0" * 8), "needs 12"),
-    (_proto(types_pb2.DT_STRING, [1], tensor_content=b"x"), "string_val"),
-    (_proto(types_pb2.DT_RESOURCE, [1]), "does not decode"),
-    (_proto(types_pb2.DT_UINT8, [1], int_val=[300]), "out of range"),
+    (tensor_proto(types_pb2.DT_FLOAT, [2], float_val=[1, 2, 3]), "3 values for shape"),
+    (tensor_proto(types_pb2.DT_FLOAT, [-1, 2], float_val=[1]), "must be >= 0"),
+    (tensor_proto(types_pb2.DT_FLOAT, [1] * 40), "rank 40"),
+    (tensor_proto(types_pb2.DT_FLOAT, [3], tensor_content=b"\0" * 8), "needs 12"),
+    (tensor_proto(types_pb2.DT_STRING, [1], tensor_content=b"x"), "string_val"),
+    (tensor_proto(types_pb2.DT_RESOURCE, [1]), "does not decode"),
+    (tensor_proto(types_pb2.DT_UINT8, [1], int_val=[300]), "out of range"),
 ])
 def test_malformed_protos_are_invalid(proto, message):
     with pytest.raises(errors.ServingError, match=message) as info:

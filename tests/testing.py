@@ -5,6 +5,7 @@ repository root on `sys.path`, for `pytest` as for `python -m pytest`); it holds
 """
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -109,37 +110,6 @@ def make_model(cls=None, image_shape=DIGITS_SHAPE, num_classes=NUM_CLASSES, back
     return model
 
 
-@keras.saving.register_keras_serializable(package="keras_jem_tests")
-class DenseBackbone(keras.layers.Layer):
-    """`features = tanh(flatten(x) @ kernel + bias)`: a backbone simple enough to differentiate
-    by hand, with the backbone contract (`feature_dim`, `stem`, `call_from_stem`)."""
-
-    def __init__(self, feature_dim=4, **kwargs):
-        super().__init__(**kwargs)
-        self.feature_dim = feature_dim
-
-    def build(self, input_shape):
-        dim = int(np.prod(input_shape[1:]))
-        self.kernel = self.add_weight(name="kernel", shape=(dim, self.feature_dim),
-                                      initializer="glorot_uniform")
-        self.bias = self.add_weight(name="bias", shape=(self.feature_dim,),
-                                    initializer="random_normal")
-
-    def stem(self, x):
-        return keras.ops.reshape(x, (keras.ops.shape(x)[0], -1))
-
-    def call_from_stem(self, h, training=False):
-        return keras.ops.tanh(keras.ops.matmul(h, self.kernel) + self.bias)
-
-    def call(self, x, training=None):
-        return self.call_from_stem(self.stem(x), training=training)
-
-    def get_config(self):
-        config = super().get_config()
-        config["feature_dim"] = self.feature_dim
-        return config
-
-
 # === Data ===
 
 
@@ -182,6 +152,31 @@ def run_in_subprocess(code, timeout=240):
     return result.stdout
 
 
+def run_checks_script(script, out, timeout):
+    """Runs `python tests/<script> OUT` in a fresh interpreter and returns the JSON it writes.
+
+    For the scripts that split the CPU into logical devices before TensorFlow starts
+    (`distribute_checks.py`, `modes_checks.py`); `TF_CONFIG` is removed from their environment.
+
+    Args:
+        script: the script's file name in `tests/`.
+        out: a `pathlib.Path` the script writes its results to.
+        timeout: seconds the script may take.
+
+    Raises:
+        AssertionError: with the script's stderr, when it wrote no results.
+    """
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_CONFIG", None)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tests", script), str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    if not out.exists():
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-6000:]}")
+    return json.loads(out.read_text())
+
+
 # === Known-answer helpers (tests/test_loss_terms.py, test_generation_known.py, ...) ===
 
 
@@ -193,6 +188,7 @@ class LinearBackbone(keras.layers.Layer):
     """
 
     stem_is_affine = True
+    bias_initializer = "zeros"
 
     def __init__(self, feature_dim=3, **kwargs):
         super().__init__(**kwargs)
@@ -203,7 +199,7 @@ class LinearBackbone(keras.layers.Layer):
         self.kernel = self.add_weight(name="kernel", shape=(dim, self.feature_dim),
                                       initializer="glorot_uniform")
         self.bias = self.add_weight(name="bias", shape=(self.feature_dim,),
-                                    initializer="zeros")
+                                    initializer=self.bias_initializer)
 
     def stem(self, x):
         return keras.ops.reshape(x, (keras.ops.shape(x)[0], -1))
@@ -218,6 +214,21 @@ class LinearBackbone(keras.layers.Layer):
         config = super().get_config()
         config["feature_dim"] = self.feature_dim
         return config
+
+
+@keras.saving.register_keras_serializable(package="keras_jem_tests")
+class DenseBackbone(LinearBackbone):
+    """`features = tanh(flatten(x) @ kernel + bias)`: a backbone simple enough to differentiate
+    by hand, with the backbone contract (`feature_dim`, `stem`, `call_from_stem`)."""
+
+    stem_is_affine = False
+    bias_initializer = "random_normal"
+
+    def __init__(self, feature_dim=4, **kwargs):
+        super().__init__(feature_dim, **kwargs)
+
+    def call_from_stem(self, h, training=False):
+        return keras.ops.tanh(super().call_from_stem(h, training=training))
 
 
 class RecordingSampler(keras_jem.sampling.Sampler):

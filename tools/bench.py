@@ -220,7 +220,7 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
-def _timed(fn, repeats):
+def timed(fn, repeats):
     """Median wall and process-CPU seconds of `fn()` over `repeats` calls."""
     walls, cpus = [], []
     for _ in range(repeats):
@@ -465,7 +465,7 @@ def run_tensorflow_config(config):
     for _ in range(max(config["warmup"] - 1, 0)):
         train_iteration()
     traces_after_warmup = counter["train_step"]
-    wall, cpu, walls = _timed(train_iteration, config["iterations"])
+    wall, cpu, walls = timed(train_iteration, config["iterations"])
     result.update(
         iteration_s=wall,
         iteration_cpu_s=cpu,

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import resource
-import statistics
 import sys
 import time
 
@@ -24,16 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench
 
 RESULT_PREFIX = "BENCH_RESULT "
-
-
-def _median_timed(fn, repeats):
-    walls, cpus = [], []
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return statistics.median(walls), statistics.median(cpus), walls
 
 
 def build_wide_resnet(torch, depth, width, in_channels, num_classes):
@@ -143,7 +132,7 @@ def run(config):
     result["first_iteration_s"] = round(time.perf_counter() - start, 3)
     for _ in range(max(config["warmup"] - 1, 0)):
         iteration()
-    wall, cpu, walls = _median_timed(iteration, config["iterations"])
+    wall, cpu, walls = bench.timed(iteration, config["iterations"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     result.update(iteration_s=wall, iteration_cpu_s=cpu,
                   iteration_all_s=[round(v, 4) for v in walls],

@@ -245,6 +245,17 @@ def load_model(path):
         ) from None
 
 
+def _label_rows(model, args, summary):
+    """The `--labels` of `cond` and `compose` (recorded in `summary`) and the samples per label.
+
+    Returns:
+        `(labels, per_row)`.
+    """
+    labels = _check_labels(model, args.labels)
+    summary["labels"] = labels
+    return labels, args.num_samples or 8
+
+
 def _check_labels(model, labels):
     num_classes = int(getattr(model, "num_classes", 1))
     conditional = getattr(model, "conditional", True) and num_classes > 1
@@ -360,9 +371,7 @@ def run(args):
     if args.sampler == "mala":
         labels = None
         if task == "cond":
-            labels = _check_labels(model, args.labels)
-            per_row = args.num_samples or 8
-            summary["labels"] = labels
+            labels, per_row = _label_rows(model, args, summary)
             num_cols = per_row
             grid, mala = sample_mala(model, args, y=np.repeat(labels, per_row))
         else:
@@ -375,16 +384,12 @@ def run(args):
                                      from_buffer=args.from_buffer, seed=args.seed))
         num_cols = None
     elif task == "cond":
-        labels = _check_labels(model, args.labels)
-        per_row = args.num_samples or 8
-        summary["labels"] = labels
+        labels, per_row = _label_rows(model, args, summary)
         grid = to_numpy(model.sample(y=np.repeat(labels, per_row), num_steps=args.num_steps,
                                      from_buffer=args.from_buffer, seed=args.seed))
         num_cols = per_row
     elif task == "compose":
-        labels = _check_labels(model, args.labels)
-        per_row = args.num_samples or 8
-        summary["labels"] = labels
+        labels, per_row = _label_rows(model, args, summary)
         x_init = np.random.default_rng(args.seed).uniform(
             -1.0, 1.0, (per_row,) + tuple(model.image_shape)).astype(np.float32)
         # Each label alone (one sampler run for all rows), then their sum, from the same noise.

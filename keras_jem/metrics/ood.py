@@ -63,45 +63,58 @@ def get_score(identifier):
     return _SCORES[identifier]
 
 
+def _batched_score(model, images, batch_size, name, make):
+    """Per-example float64 scores of `make(model)` on `images`, compiled once per model and name.
+
+    Args:
+        model: the scored model.
+        images: float32 images `(N, H, W, C)`.
+        batch_size: images per forward pass.
+        name: the score's key in the model's compiled functions.
+        make: callable `model -> (x -> (batch,) scores)`.
+    """
+    fn = classification.model_function(model, name, make)
+    return classification.batched(fn, images, batch_size).astype(np.float64)
+
+
+def _logits_score(model, images, batch_size, name, score):
+    """`_batched_score` of `score(logits_fn, x)`, where `logits_fn` gives the model's logits."""
+    def make(model):
+        logits_fn = refinement.as_logits_fn(model)
+        return lambda x: score(logits_fn, x)
+
+    return _batched_score(model, images, batch_size, name, make)
+
+
 @register_score("logsumexp")
 def logsumexp_score(model, images, batch_size=100):
     """`logsumexp(logits(x))` per example: log p(x) up to a constant for JEM-family models."""
-    def make(model):
-        logits_fn = refinement.as_logits_fn(model)
-        return lambda x: tf.reduce_logsumexp(logits_fn(x), axis=-1)
+    def score(logits_fn, x):
+        return tf.reduce_logsumexp(logits_fn(x), axis=-1)
 
-    fn = classification.model_function(model, "logsumexp_score", make)
-    return classification.batched(fn, images, batch_size).astype(np.float64)
+    return _logits_score(model, images, batch_size, "logsumexp_score", score)
 
 
 @register_score("max_softmax")
 def max_softmax_score(model, images, batch_size=100):
     """Maximum class probability `max_y p(y|x)` per example."""
-    def make(model):
-        logits_fn = refinement.as_logits_fn(model)
-        return lambda x: tf.reduce_max(tf.nn.softmax(logits_fn(x), axis=-1), axis=-1)
+    def score(logits_fn, x):
+        return tf.reduce_max(tf.nn.softmax(logits_fn(x), axis=-1), axis=-1)
 
-    fn = classification.model_function(model, "max_softmax_score", make)
-    return classification.batched(fn, images, batch_size).astype(np.float64)
+    return _logits_score(model, images, batch_size, "max_softmax_score", score)
 
 
 @register_score("grad_norm")
 def grad_norm_score(model, images, batch_size=100):
     """`-||d logsumexp(logits(x)) / dx||_2` per example (flat regions of log p(x) are in-dist)."""
-    def make(model):
-        logits_fn = refinement.as_logits_fn(model)
+    def score(logits_fn, x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            total = tf.reduce_sum(tf.reduce_logsumexp(logits_fn(x), axis=-1))
+        gradient = tf.reshape(tape.gradient(total, x), [tf.shape(x)[0], -1])
+        return -tf.norm(gradient, axis=-1)
 
-        def fn(x):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                score = tf.reduce_sum(tf.reduce_logsumexp(logits_fn(x), axis=-1))
-            gradient = tf.reshape(tape.gradient(score, x), [tf.shape(x)[0], -1])
-            return -tf.norm(gradient, axis=-1)
-
-        return fn
-
-    fn = classification.model_function(model, "grad_norm_score", make)
-    return classification.batched(fn, images, batch_size).astype(np.float64)
+    return _logits_score(model, images, batch_size, "grad_norm_score", score)
 
 
 @register_score("energy")
@@ -115,8 +128,7 @@ def energy_score(model, images, batch_size=100):
     def make(model):
         return lambda x: -tf.reshape(model.energy(x, training=False), [-1])
 
-    fn = classification.model_function(model, "energy_score", make)
-    return classification.batched(fn, images, batch_size).astype(np.float64)
+    return _batched_score(model, images, batch_size, "energy_score", make)
 
 
 def _check_scores(scores, name):

@@ -46,6 +46,14 @@ class LatentTargetSampler(Sampler):
     >>> samples = sampler(gmmc_model, x_init, y=labels, seed=tf.constant([1, 2], "int64"))
     """
 
+    config_names = Sampler.config_names + (
+        "step_size",
+        "latent_noise",
+        "inject",
+        "clip_range",
+        "reduction",
+    )
+
     def __init__(
         self,
         num_steps=20,
@@ -112,16 +120,3 @@ class LatentTargetSampler(Sampler):
             parallel_iterations=1,
         )
         return tf.stop_gradient(x)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "step_size": self.step_size,
-                "latent_noise": self.latent_noise,
-                "inject": self.inject,
-                "clip_range": list(self.clip_range) if self.clip_range else None,
-                "reduction": self.reduction,
-            }
-        )
-        return config

@@ -68,6 +68,13 @@ class MALA(Sampler):
     >>> samples = sampler(model, x_init)  # the `Sampler` interface: samples only
     """
 
+    config_names = Sampler.config_names + (
+        "step_size",
+        "num_adaptation_steps",
+        "target_acceptance_rate",
+        "adaptation_rate",
+    )
+
     def __init__(
         self,
         num_steps=100,
@@ -156,15 +163,3 @@ class MALA(Sampler):
     def __call__(self, target, x, y=None, seed=None, training=False, num_steps=None):
         return self.sample(target, x, y=y, seed=seed, training=training,
                            num_steps=num_steps).samples
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "step_size": self.step_size,
-                "num_adaptation_steps": self.num_adaptation_steps,
-                "target_acceptance_rate": self.target_acceptance_rate,
-                "adaptation_rate": self.adaptation_rate,
-            }
-        )
-        return config

@@ -48,6 +48,14 @@ class ProximalSGLD(Sampler):
     >>> samples = sampler(model, x_init, seed=tf.constant([1, 2], "int64"), training=True)
     """
 
+    config_names = Sampler.config_names + (
+        "inner_steps",
+        "step_size",
+        "gradient_clip",
+        "clip_range",
+        "noise_scale",
+    )
+
     def __init__(
         self,
         num_steps=10,
@@ -131,19 +139,6 @@ class ProximalSGLD(Sampler):
             lambda i, _: i < num_steps, outer, (tf.constant(0), x), parallel_iterations=1
         )
         return tf.stop_gradient(x)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "inner_steps": self.inner_steps,
-                "step_size": self.step_size,
-                "gradient_clip": self.gradient_clip,
-                "clip_range": list(self.clip_range) if self.clip_range else None,
-                "noise_scale": self.noise_scale,
-            }
-        )
-        return config
 
 
 def _supports_stem(target):

@@ -12,12 +12,15 @@ class Sampler:
     gradient with respect to the model weights, and return `tf.stop_gradient`-ed samples, so they
     can be called inside `train_step` without growing the training tape.
 
-    Subclasses implement `__call__(target, x, y=None, seed=None, training=False)` and
-    `get_config()`.
+    Subclasses implement `__call__(target, x, y=None, seed=None, training=False)` and name
+    their constructor arguments in `config_names` (each stored as the attribute of that name),
+    from which `get_config()` is built.
 
     Args:
         num_steps: number of sampler steps per call.
     """
+
+    config_names = ("num_steps",)
 
     def __init__(self, num_steps=20):
         if int(num_steps) != num_steps or num_steps < 0:
@@ -30,7 +33,12 @@ class Sampler:
         raise NotImplementedError
 
     def get_config(self):
-        return {"num_steps": self.num_steps}
+        """The constructor arguments named in `config_names` (tuples as lists, for JSON)."""
+        config = {}
+        for name in self.config_names:
+            value = getattr(self, name)
+            config[name] = list(value) if isinstance(value, tuple) else value
+        return config
 
     @classmethod
     def from_config(cls, config):

@@ -40,6 +40,13 @@ class SGLD(Sampler):
     >>> samples = sampler(model, x_init, seed=tf.constant([1, 2], "int64"))
     """
 
+    config_names = Sampler.config_names + (
+        "step_size",
+        "noise_scale",
+        "gradient_clip",
+        "clip_range",
+    )
+
     def __init__(
         self,
         num_steps=20,
@@ -94,15 +101,3 @@ class SGLD(Sampler):
         return self.run(
             lambda v: target.energy(v, y=y, training=training), x, seed=seed, num_steps=num_steps
         )
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "step_size": self.step_size,
-                "noise_scale": self.noise_scale,
-                "gradient_clip": self.gradient_clip,
-                "clip_range": list(self.clip_range) if self.clip_range else None,
-            }
-        )
-        return config

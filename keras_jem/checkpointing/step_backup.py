@@ -1,44 +1,4 @@
-"""Fault-tolerant training: step-level backups that resume at the saved epoch *and* step.
-
-`keras.callbacks.BackupAndRestore` restores the epoch only (a run killed mid-epoch repeats the
-epoch from its first step) and does not save the state of `keras.random.SeedGenerator`s, so a
-resumed JEM run would replay the sampler noise of its first steps. `StepBackup` writes
-TensorFlow checkpoints (`tf.train.Checkpoint`, kept and committed by
-`tf.train.CheckpointManager`) holding everything a JEM run needs:
-
-- the model weights, the replay buffer and the optimizer state;
-- the random state: every `SeedGenerator` of the model (the sampler's seed counter, dropout);
-- the position (epoch, step within the epoch, global step: the data stream is resumed by
-  skipping that many batches), the rollback count and seed of a diverged run, and the
-  variable layout, to refuse an incompatible checkpoint before anything is loaded. These live
-  *inside* the checkpoint (a `tf.train.experimental.PythonState`), so they can never disagree
-  with the variables they describe.
-
-TensorFlow writes a checkpoint's files under temporary names and the manager then replaces its
-`checkpoint` state file atomically, so a SIGKILL at any moment leaves the previous or the new
-checkpoint, never a broken one; `keep` checkpoints are kept, the older ones as fallbacks for a
-damaged file. Non-finite weights are never saved. `training_metadata.json` mirrors the newest
-checkpoint for people and scripts; restoring reads the checkpoints themselves.
-
-Why the checkpoint holds flat variable lists rather than `tf.train.Checkpoint(model=model)`:
-with Keras 3 on TF 2.21 the object graph of a model misses every layer kept in a Python list or
-dict (Keras' `TrackedList`/`TrackedDict` are not TensorFlow trackables; a `SmallCNN` backbone
-lost all 12 of its variables that way) and every `SeedGenerator` (not a trackable either). Keras
-variables themselves are trackables, so `model.weights`, the seed-generator states and
-`optimizer.variables` are saved as three ordered lists, the same order `model.save_weights`
-relies on.
-
-`fit_from_backup` resumes with public Keras APIs only: when the backup is mid-epoch it first fits
-the remaining steps of that epoch (`initial_epoch=e`, `steps_per_epoch=steps - s`), then the
-following epochs.
-
-Example:
-
->>> backup = keras_jem.checkpointing.StepBackup("run/backup", save_freq=100,
-...                                             steps_per_epoch=390)
->>> backup.restore(model)            # no-op on a fresh run; raises if incompatible
->>> keras_jem.checkpointing.fit_from_backup(model, train_ds, backup, epochs=200)
-"""
+"""`StepBackup`: step-level TensorFlow checkpoints of a JEM run (see `keras_jem.checkpointing`)."""
 
 import json
 import logging
@@ -49,6 +9,14 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
+
+from keras_jem.checkpointing.variables import IncompatibleCheckpointError
+from keras_jem.checkpointing.variables import model_weights
+from keras_jem.checkpointing.variables import non_finite_variables
+from keras_jem.checkpointing.variables import optimizer_variables
+from keras_jem.checkpointing.variables import seed_generator_states
+from keras_jem.checkpointing.variables import signature_differences
+from keras_jem.checkpointing.variables import variable_signature
 
 logger = logging.getLogger("keras_jem.checkpointing")
 
@@ -61,54 +29,6 @@ _RUN_STATE_KEY = "run/.ATTRIBUTES/py_state"
 _READ_ERRORS = (tf.errors.OpError, IndexError, ValueError)
 
 
-class IncompatibleCheckpointError(ValueError):
-    """A checkpoint that was written by a different model (or optimizer)."""
-
-
-def variable_signature(model):
-    """`[[name, shape], ...]` of the model's weights then its optimizer's variables, in order.
-
-    Checkpoints are compared by shapes, in order; the names (which may carry per-session unique
-    prefixes such as `jem_1`) only label messages.
-    """
-    return [[v.name, list(v.shape)] for v in _weights(model) + _optimizer_variables(model)]
-
-
-def seed_generator_states(model):
-    """The state variables of every `keras.random.SeedGenerator` of `model`.
-
-    `model.variables` lists the weights and the seed generator states; `model.weights` only
-    the former.
-    """
-    weights = {id(v) for v in model.weights}
-    return [v for v in model.variables if id(v) not in weights]
-
-
-def _weights(model):
-    return list(model.weights)
-
-
-def _optimizer_variables(model):
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is None or not optimizer.built:
-        return []
-    return list(optimizer.variables)
-
-
-def non_finite_variables(variables):
-    """Names of the floating-point `variables` holding a NaN or an infinity.
-
-    One reduction per variable on its device and a single transfer of the verdicts, so the
-    check costs a read of the weights, not a copy of them to the host.
-    """
-    floats = [v for v in variables if "float" in str(v.dtype)]
-    if not floats:
-        return []
-    finite = keras.ops.convert_to_numpy(keras.ops.stack(
-        [keras.ops.all(keras.ops.isfinite(v)) for v in floats]))
-    return [v.path if hasattr(v, "path") else v.name for v, ok in zip(floats, finite) if not ok]
-
-
 def _atomic_write_json(path, payload):
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -116,18 +36,6 @@ def _atomic_write_json(path, payload):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _signature_differences(saved, current, limit=4):
-    lines = []
-    if len(saved) != len(current):
-        lines.append(f"the checkpoint holds {len(saved)} variables, the model {len(current)}")
-    for index, (old, new) in enumerate(zip(saved, current)):
-        if old[1] != new[1]:
-            lines.append(f"variable {index} is {old[0]} {tuple(old[1])} in the checkpoint, "
-                         f"{new[0]} {tuple(new[1])} in the model")
-    more = f" (and {len(lines) - limit} more)" if len(lines) > limit else ""
-    return "; ".join(lines[:limit]) + more
 
 
 class _RunState(tf.train.experimental.PythonState):
@@ -280,8 +188,8 @@ class StepBackup(keras.callbacks.Callback):
 
     def _checkpoint(self, model):
         """The `tf.train.Checkpoint` over `model`'s variables (rebuilt when they change)."""
-        weights, seeds = _weights(model), seed_generator_states(model)
-        optimizer = _optimizer_variables(model)
+        weights, seeds = model_weights(model), seed_generator_states(model)
+        optimizer = optimizer_variables(model)
         key = tuple(id(v) for v in weights + seeds + optimizer)
         if self._tracked is None or self._tracked[0] != key:
             run = _RunState()
@@ -301,7 +209,7 @@ class StepBackup(keras.callbacks.Callback):
             (then nothing is written and the previous checkpoint stays the newest).
         """
         model = model or self.model
-        bad = non_finite_variables(_weights(model) + _optimizer_variables(model))
+        bad = non_finite_variables(model_weights(model) + optimizer_variables(model))
         if bad:
             self.refused_at = self.global_step
             logger.warning(
@@ -398,7 +306,7 @@ class StepBackup(keras.callbacks.Callback):
                 raise IncompatibleCheckpointError(
                     f"The backup in {self.backup_dir} was written by a different model or "
                     f"optimizer ({entry.get('model_class')}): "
-                    f"{_signature_differences(saved, current)}. Restore it into the model it "
+                    f"{signature_differences(saved, current)}. Restore it into the model it "
                     "was written by, or start this configuration in another directory (or "
                     "delete the backup).")
             checkpoint = self._checkpoint(model)[0]
@@ -508,69 +416,3 @@ class StepBackup(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not self._blocked() and self.global_step != self.last_saved_step:
             self._save_from_callback(epoch)
-
-
-def fit_from_backup(model, dataset, backup, epochs, callbacks=(), **kwargs):
-    """Runs `model.fit` from the backup's position up to `epochs`; returns the `History`s.
-
-    A backup mid-epoch `e` at step `s` is continued by one `fit` over the remaining
-    `steps_per_epoch - s` steps of epoch `e` (`initial_epoch=e`), then one over the following
-    epochs. The data stream is resumed by skipping the `global_step` batches already trained on,
-    so `dataset` must be infinite and deterministic, as `keras_jem.data.make_train_dataset`
-    makes it.
-
-    Pass a function that builds the dataset rather than the dataset itself. A `tf.data`
-    pipeline that reshuffles or re-randomizes per iteration (`shuffle(...,
-    reshuffle_each_iteration=True)`, `Dataset.random(rerandomize_each_iteration=True)`, as in
-    `make_train_dataset`) draws *new* randomness for every iterator made from the same
-    `Dataset` object: the second `fit` of a resumed run would train on other batches than the
-    uninterrupted run (measured: different batches from the first one on). A fresh `Dataset`
-    per `fit` starts from the same randomness as the uninterrupted run's single iterator.
-
-    Args:
-        model: a compiled model whose state matches `backup` (call `backup.restore(model)`).
-        dataset: a function returning the training dataset (global batches), or the dataset
-            itself (then only one `fit` call is guaranteed to see the uninterrupted run's
-            batches; a warning says when more are needed).
-        backup: the run's `StepBackup` (its `steps_per_epoch` is required); it is added to the
-            callbacks unless already there.
-        epochs: total number of epochs of the run.
-        callbacks: other callbacks.
-        **kwargs: other `fit` arguments (`validation_data`, `verbose`, ...).
-
-    Example:
-
-    >>> make_dataset = lambda: keras_jem.data.make_train_dataset(x, y, seed=0)
-    >>> backup.restore(model)
-    >>> fit_from_backup(model, make_dataset, backup, epochs=200)
-    """
-    steps = backup.steps_per_epoch
-    if not steps:
-        raise ValueError("`fit_from_backup` needs a backup with `steps_per_epoch`.")
-    make_dataset = dataset if callable(dataset) else (lambda: dataset)
-    callbacks = list(callbacks)
-    if backup not in callbacks:
-        callbacks.append(backup)
-    histories = []
-    model.stop_training = False
-    while backup.epoch < epochs:
-        epoch, step = backup.epoch, backup.step
-        if histories and not callable(dataset):
-            logger.warning("fit_from_backup runs a second `fit` on the same tf.data.Dataset "
-                           "object: a pipeline that reshuffles per iteration yields other "
-                           "batches than an uninterrupted run would. Pass a function that "
-                           "builds the dataset.")
-        source = make_dataset()
-        data = source.skip(backup.global_step) if backup.global_step else source
-        if step:
-            logger.info("resuming epoch %d at step %d", epoch + 1, step + 1)
-        history = model.fit(
-            data, initial_epoch=epoch, epochs=epoch + 1 if step else epochs,
-            steps_per_epoch=steps - step, callbacks=callbacks,
-            # The pipeline shuffles itself; Keras' default shuffle=True only warns on tf.data.
-            shuffle=False, **kwargs,
-        )
-        histories.append(history)
-        if model.stop_training or backup.global_step == (epoch * steps + step):
-            break
-    return histories
