@@ -17,7 +17,7 @@ from keras_jem import metrics
 from keras_jem import models
 from keras_jem import optimizers
 from keras_jem import sampling
-from keras_jem.models import *
 from keras_jem.batch_norm import reestimate_batch_norm
+from keras_jem.models import *
 
 __version__ = "0.1.0"
