@@ -154,10 +154,6 @@ FLAGS = {
                                  "loss/energy magnitude treated as divergence", "keras_jem.models.energy_model:EnergyModel"),
     "sample_in_training_mode": Flag("model", "sample_in_training_mode", bool,
                                     "BatchNorm in training mode while sampling", "keras_jem.models.energy_model:EnergyModel"),
-    "sample_statistics": Flag("model", "sample_statistics", str, (
-        "BatchNorm statistics of the sampler and the samples' loss pass: own (each batch's, "
-        "the papers') or data (the moving statistics of the data; docs/batch_norm.md)"),
-        "keras_jem.models.energy_model:EnergyModel"),
     # Sampler.
     "sampler": Flag("sampler", "name", str, "sgld or proximal", None),
     "num_steps": Flag("sampler", "num_steps", int, "sampler steps per training iteration",
@@ -215,11 +211,10 @@ MODEL_SETTINGS = {
 MODEL_ARGUMENTS = {
     "jem": ("buffer_size", "buffer_init", "buffer_covariance", "reinit_probability",
             "conditional_sampling", "px_weight", "pyx_weight", "pxy_weight", "energy_l2_weight",
-            "sample_in_training_mode", "sample_statistics", "divergence_threshold",
-            "weight_decay"),
+            "sample_in_training_mode", "divergence_threshold", "weight_decay"),
     "gmmc": ("mode", "center_scale", "beta", "start_generative", "buffer_size",
              "reinit_probability", "energy_l2_weight", "sample_in_training_mode",
-             "sample_statistics", "divergence_threshold", "weight_decay"),
+             "divergence_threshold", "weight_decay"),
     "igebm": ("buffer_size", "reinit_probability", "energy_l2_weight", "divergence_threshold",
               "sample_in_training_mode"),
 }

@@ -64,14 +64,6 @@ class EnergyModel(SamplingAPI, keras.Model):
             `num_classes` equal blocks, and `buffer_size` must be a multiple of `num_classes`).
         energy_l2_weight: weight of the L2 penalty on energies.
         sample_in_training_mode: run the sampler with `training=True`.
-        sample_statistics: what BatchNorm normalises the sampler's chains with. `"own"` (the
-            papers' code): the samples' loss pass runs in training mode, so each batch of
-            samples is normalised by its own statistics and updates the moving ones, and the
-            sampler runs in `sample_in_training_mode`. `"data"`: the sampler and the samples'
-            loss passes run in inference mode, normalising samples with the moving statistics,
-            which only the data passes then update: the energy of samples is learned under
-            the normalisation the model scores inputs with (dropout is off in those passes
-            too). Without BatchNorm or dropout both are the same. See `docs/batch_norm.md`.
         divergence_threshold: magnitude of loss or energies reported as `diverged`.
         sam: optional `keras_jem.optimizers.SAM` (two passes per step).
         weight_decay: coupled L2 weight decay (see `add_coupled_weight_decay`).
@@ -91,7 +83,7 @@ class EnergyModel(SamplingAPI, keras.Model):
     config_names = (
         "num_classes", "sampler", "buffer_size", "buffer_init", "reinit_probability",
         "energy_l2_weight", "sample_in_training_mode", "divergence_threshold", "sam",
-        "buffer_covariance", "weight_decay", "seed", "sequential_passes", "sample_statistics",
+        "buffer_covariance", "weight_decay", "seed", "sequential_passes",
     )
 
     def __init__(
@@ -111,13 +103,9 @@ class EnergyModel(SamplingAPI, keras.Model):
         weight_decay=0.0,
         seed=None,
         sequential_passes=True,
-        sample_statistics="own",
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if sample_statistics not in ("own", "data"):
-            raise ValueError('`sample_statistics` must be "own" or "data". '
-                             f"Received: sample_statistics={sample_statistics!r}")
         for name, value in (("energy_l2_weight", energy_l2_weight),
                             ("weight_decay", weight_decay)):
             if value < 0:
@@ -149,7 +137,6 @@ class EnergyModel(SamplingAPI, keras.Model):
         self.buffer_covariance = buffer_covariance
         self.energy_l2_weight = float(energy_l2_weight)
         self.sample_in_training_mode = bool(sample_in_training_mode)
-        self.sample_statistics = sample_statistics
         self.divergence_threshold = float(divergence_threshold)
         self.sam = sam_lib.deserialize(sam)
         self.weight_decay = float(weight_decay)
@@ -284,16 +271,6 @@ class EnergyModel(SamplingAPI, keras.Model):
                 self.optimizer.build(self.trainable_variables)
         return super().fit(*args, **kwargs)
 
-    @property
-    def sampler_training(self):
-        """The `training` flag of the sampler's steps (see `sample_statistics`)."""
-        return self.sample_in_training_mode and self.sample_statistics == "own"
-
-    @property
-    def samples_pass_training(self):
-        """The `training` flag of the samples' loss passes (see `sample_statistics`)."""
-        return self.sample_statistics == "own"
-
     def _next_seed(self):
         return sampling.next_seed(self.seed_generator)
 
@@ -306,7 +283,7 @@ class EnergyModel(SamplingAPI, keras.Model):
             batch_size, labels=self._buffer_labels(labels), seed=seed)
         samples = self.sampler(
             self, start, y=labels, seed=sampling.noise.fold_in(seed, 11),
-            training=self.sampler_training,
+            training=self.sample_in_training_mode,
         )
         self.buffer.write(indices, samples)
         return samples

@@ -330,7 +330,7 @@ class GMMC(EnergyModel):
 
             def generative():
                 energy_samples = energies.class_energy(
-                    self(samples["samples"], training=self.samples_pass_training), y
+                    self(samples["samples"], training=True), y
                 )
                 loss = loss_mmc - self.beta * tf.reduce_mean(energy_samples)
                 if self.energy_l2_weight > 0:

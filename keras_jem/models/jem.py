@@ -218,14 +218,12 @@ class JEM(EnergyModel):
             return loss, {"energy_data": tf.reduce_mean(energy_data)}
 
         def px_samples():
-            energy = energies.logsumexp_energy(
-                self(samples["px"], training=self.samples_pass_training))
+            energy = energies.logsumexp_energy(self(samples["px"], training=True))
             mean = tf.reduce_mean(energy)
             return -self.px_weight * mean + squares(energy), {"energy_samples": mean}
 
         def pxy_samples():
-            energy = energies.class_energy(
-                self(samples["pxy"], training=self.samples_pass_training), y)
+            energy = energies.class_energy(self(samples["pxy"], training=True), y)
             mean = tf.reduce_mean(energy)
             return -self.pxy_weight * mean + squares(energy), {"energy_joint_samples": mean}
 

@@ -8,7 +8,7 @@ from keras_jem import sampling
 
 class SamplingAPI:
     """`sample` and its compiled graph, for a model with `sampler`, `buffer`, `image_shape`,
-    `num_classes`, `sampler_training` and `_next_seed()` (see `EnergyModel`).
+    `num_classes`, `sample_in_training_mode` and `_next_seed()` (see `EnergyModel`).
 
     Example:
 
@@ -46,8 +46,7 @@ class SamplingAPI:
                 Gaussians with the informative init).
             from_buffer: continue persistent chains from the replay buffer and write them back
                 (the papers' protocol for sample quality); `x_init` is then not allowed.
-            training: BatchNorm mode while sampling (default: `sampler_training`, i.e.
-                `sample_in_training_mode` unless `sample_statistics="data"`).
+            training: BatchNorm mode while sampling (default: `sample_in_training_mode`).
             seed: optional int seed for reproducible samples.
 
         Returns:
@@ -81,7 +80,7 @@ class SamplingAPI:
                     f"`{name}` holds {len(value)} entries but num_samples={num_samples}."
                 )
         num_steps = self.sampler.num_steps if num_steps is None else int(num_steps)
-        training = self.sampler_training if training is None else bool(training)
+        training = self.sample_in_training_mode if training is None else bool(training)
         if seed is None:
             seed_tensor = self._next_seed()
         else:
