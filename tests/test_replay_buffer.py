@@ -243,6 +243,32 @@ class ReplayBufferTest(testing.TestCase):
         self.assertAllClose(testing.to_numpy(restarted).reshape(-1, 4).mean(0),
                             flat[labels == 2].mean(0), atol=0.015)
 
+    def test_uniform_fraction_of_mixture_restarts(self):
+        # Class images constant at 0.9 (tiny covariance): a mixture draw is ~0.9 everywhere, a
+        # uniform one spreads over [-1, 1]; the share of spread rows is the uniform fraction.
+        images = np.full((300, 4, 4, 1), 0.9, "float32") + np.random.default_rng(0).normal(
+            0, 1e-3, (300, 4, 4, 1)).astype("float32")
+        labels = np.repeat(np.arange(3), 100)
+        for fraction in (0.0, 0.3, 1.0):
+            buffer = ReplayBuffer(size=300, initialization="gaussian_mixture", num_classes=3,
+                                  uniform_fraction=fraction)
+            buffer.adapt(images, labels)
+            fresh = testing.to_numpy(buffer.fresh_samples(4000, seed=_seed(6))).reshape(4000, -1)
+            spread = fresh.std(axis=1) > 0.2
+            # Binomial(4000, f): standard deviation below 0.008, so 0.03 is about 4 of them.
+            self.assertAllClose(spread.mean(), fraction, atol=0.03)
+            self.assertAllClose(fresh[~spread], np.full_like(fresh[~spread], 0.9), atol=0.05)
+            self.assertBetween(fresh[spread].min(initial=-1.0), -1.0, -0.8 if fraction else -1.0)
+        self.assertEqual(ReplayBuffer.from_config(buffer.get_config()).uniform_fraction, 1.0)
+        with self.assertRaisesRegex(ValueError, r"uniform_fraction.*\[0, 1\].*1.5"):
+            ReplayBuffer(uniform_fraction=1.5)
+        # The models hand it to their buffer and save it.
+        import keras_jem
+
+        model = testing.make_model(keras_jem.JEMPP, buffer_uniform_fraction=0.25, build=False)
+        self.assertEqual(model.buffer.uniform_fraction, 0.25)
+        self.assertEqual(model.get_config()["buffer_uniform_fraction"], 0.25)
+
     def test_partial_restarts_from_the_full_covariance_mixture(self):
         """Only the restarted chains are drawn from the class Gaussians (full covariance);
         the others keep their buffer contents."""

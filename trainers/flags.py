@@ -116,6 +116,9 @@ FLAGS = {
                              "keras_jem.models.energy_model:EnergyModel"),
     "divergence_threshold": Flag("model", "divergence_threshold", float,
                                  "loss/energy magnitude treated as divergence", "keras_jem.models.energy_model:EnergyModel"),
+    "buffer_uniform_fraction": Flag("model", "buffer_uniform_fraction", float, (
+        "with --buffer_init gaussian_mixture: the fraction of chain restarts from uniform "
+        "noise"), "keras_jem.models.energy_model:EnergyModel"),
     "sample_in_training_mode": Flag("model", "sample_in_training_mode", bool,
                                     "BatchNorm in training mode while sampling", "keras_jem.models.energy_model:EnergyModel"),
     # Sampler.
@@ -175,7 +178,8 @@ MODEL_SETTINGS = {
 MODEL_ARGUMENTS = {
     "jem": ("buffer_size", "buffer_init", "buffer_covariance", "reinit_probability",
             "conditional_sampling", "px_weight", "pyx_weight", "pxy_weight", "energy_l2_weight",
-            "sample_in_training_mode", "divergence_threshold", "weight_decay"),
+            "sample_in_training_mode", "divergence_threshold", "weight_decay",
+            "buffer_uniform_fraction"),
     "gmmc": ("mode", "center_scale", "beta", "start_generative", "buffer_size",
              "reinit_probability", "energy_l2_weight", "sample_in_training_mode",
              "divergence_threshold", "weight_decay"),

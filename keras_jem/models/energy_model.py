@@ -60,6 +60,9 @@ class EnergyModel(SamplingAPI, keras.Model):
         buffer_init: `"uniform"` or `"gaussian_mixture"` (then call `adapt_buffer` first).
         reinit_probability: probability of restarting a chain from a fresh sample.
         buffer_covariance: `"full"` or `"diagonal"` class Gaussians for the informative init.
+        buffer_uniform_fraction: with the informative init, the fraction of fresh chain starts
+            drawn from uniform noise instead (`ReplayBuffer(uniform_fraction=...)`), so that the
+            energy of noise-like images is trained too (docs/batch_norm.md).
         class_blocks: whether chains are drawn per class (the buffer is then split into
             `num_classes` equal blocks, and `buffer_size` must be a multiple of `num_classes`).
         energy_l2_weight: weight of the L2 penalty on energies.
@@ -84,6 +87,7 @@ class EnergyModel(SamplingAPI, keras.Model):
         "num_classes", "sampler", "buffer_size", "buffer_init", "reinit_probability",
         "energy_l2_weight", "sample_in_training_mode", "divergence_threshold", "sam",
         "buffer_covariance", "weight_decay", "seed", "sequential_passes",
+        "buffer_uniform_fraction",
     )
 
     def __init__(
@@ -103,6 +107,7 @@ class EnergyModel(SamplingAPI, keras.Model):
         weight_decay=0.0,
         seed=None,
         sequential_passes=True,
+        buffer_uniform_fraction=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -135,6 +140,7 @@ class EnergyModel(SamplingAPI, keras.Model):
         self.buffer_init = buffer_init
         self.reinit_probability = float(reinit_probability)
         self.buffer_covariance = buffer_covariance
+        self.buffer_uniform_fraction = float(buffer_uniform_fraction)
         self.energy_l2_weight = float(energy_l2_weight)
         self.sample_in_training_mode = bool(sample_in_training_mode)
         self.divergence_threshold = float(divergence_threshold)
@@ -154,6 +160,7 @@ class EnergyModel(SamplingAPI, keras.Model):
             num_classes=num_classes,
             covariance=buffer_covariance,
             seed=seed,
+            uniform_fraction=buffer_uniform_fraction,
             name="replay_buffer",
         )
         self.seed_generator = keras.random.SeedGenerator(seed, name="sampler_seed")

@@ -29,7 +29,11 @@ class ReplayBuffer(keras.layers.Layer):
 
     Fresh starts are uniform in `value_range` (JEM) or drawn from a per-class Gaussian fitted to
     the training data (`initialization="gaussian_mixture"`, JEM++/SADA-JEM's informative init);
-    the latter requires `adapt(images, labels)` once before training.
+    the latter requires `adapt(images, labels)` once before training. With the Gaussian
+    mixture, `uniform_fraction` of the fresh starts are uniform noise instead: chains started
+    only from the mixture never visit noise-like images, so the energy of such images is never
+    trained and the density of uniform noise comes out above or below the data's depending on
+    the seed (docs/batch_norm.md).
 
     Under `tf.distribute` (R replicas) every replica holds a full, identical copy of the chains:
     replica r draws only from its own contiguous shard (`[r * size / R, (r + 1) * size / R)`,
@@ -48,6 +52,9 @@ class ReplayBuffer(keras.layers.Layer):
             full covariances do not fit in memory) for the Gaussian mixture.
         jitter: added to the covariance diagonal before the Cholesky factorisation (1e-4).
         seed: seed of the uniform initial buffer.
+        uniform_fraction: with `initialization="gaussian_mixture"`, the probability that a
+            fresh start (a restart, or a chain of `reset`) is uniform noise rather than a draw
+            from the class Gaussians (0: the papers' informative init only).
 
     Example:
 
@@ -67,6 +74,7 @@ class ReplayBuffer(keras.layers.Layer):
         covariance="full",
         jitter=1e-4,
         seed=None,
+        uniform_fraction=0.0,
         **kwargs,
     ):
         kwargs.setdefault("trainable", False)
@@ -83,6 +91,9 @@ class ReplayBuffer(keras.layers.Layer):
                 "`reinit_probability` must be in [0, 1]. "
                 f"Received: reinit_probability={reinit_probability}"
             )
+        if not 0.0 <= uniform_fraction <= 1.0:
+            raise ValueError(
+                f"`uniform_fraction` must be in [0, 1]. Received: uniform_fraction={uniform_fraction}")
         if num_classes is not None and (int(num_classes) != num_classes or num_classes < 1):
             raise ValueError(f"`num_classes` must be a positive integer. Received: {num_classes}")
         if initialization == "gaussian_mixture" and num_classes is None:
@@ -105,6 +116,7 @@ class ReplayBuffer(keras.layers.Layer):
         self.covariance = covariance
         self.jitter = float(jitter)
         self.seed = seed
+        self.uniform_fraction = float(uniform_fraction)
 
     def build(self, image_shape):
         image_shape = tuple(int(d) for d in image_shape)
@@ -262,6 +274,18 @@ class ReplayBuffer(keras.layers.Layer):
             return tf.random.stateless_uniform(
                 shape, seed, minval=self.value_range[0], maxval=self.value_range[1]
             )
+        mixture = self._mixture_samples(shape, labels, seed)
+        if self.uniform_fraction <= 0.0:
+            return mixture
+        uniform = tf.random.stateless_uniform(
+            shape, noise.fold_in(seed, 3), minval=self.value_range[0], maxval=self.value_range[1])
+        use_uniform = tf.random.stateless_uniform(shape[:1], noise.fold_in(seed, 4)) < (
+            self.uniform_fraction)
+        rank = len(self.image_shape)
+        return tf.where(tf.reshape(use_uniform, [-1] + [1] * rank), uniform, mixture)
+
+    def _mixture_samples(self, shape, labels, seed):
+        """Draws from the class Gaussians (labels random if None), clipped to `value_range`."""
         if labels is None:
             labels = tf.random.stateless_uniform(
                 shape[:1], noise.fold_in(seed, 1), maxval=self.num_classes, dtype=tf.int32
@@ -413,6 +437,7 @@ class ReplayBuffer(keras.layers.Layer):
                 "covariance": self.covariance,
                 "jitter": self.jitter,
                 "seed": self.seed,
+                "uniform_fraction": self.uniform_fraction,
             }
         )
         return config
