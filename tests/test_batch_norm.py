@@ -101,3 +101,29 @@ class ReestimateBatchNormTest(testing.TestCase):
         with self.assertRaisesRegex(ValueError, r"at least 2 images.*shape \(1, 3\)"):
             keras_jem.reestimate_batch_norm(model, np.zeros((1, 3)))
 
+
+
+class DiagnosisToolTest(testing.TestCase):
+
+    def test_three_scorings_and_the_model_left_as_it_was(self):
+        from tools import batch_norm_diagnosis
+
+        images, labels = testing.load_digits(num_examples=200)
+        noise = np.random.default_rng(0).uniform(-1, 1, images.shape).astype("float32")
+        for norm in ("batch", None):
+            model = testing.make_model(backbone=testing.small_cnn(norm=norm))
+            model.compile(optimizer=keras.optimizers.Adam(1e-3))
+            model.fit(images, labels, batch_size=50, epochs=1, verbose=0)
+            before = [w.numpy() for w in model.weights]
+            results = batch_norm_diagnosis.diagnose(
+                model, (images, labels), {"noise": noise}, images, batch_size=50)
+            self.assertAllClose(before, [w.numpy() for w in model.weights])
+            self.assertEqual(set(results), {"moving", "re-estimated", "own batch"})
+            # The accuracy of the moving statistics, recomputed here.
+            accuracy = (model.predict(images, verbose=0).argmax(-1) == labels).mean()
+            self.assertAllClose(results["moving"]["accuracy"], accuracy)
+            if norm is None:  # nothing depends on statistics: three equal rows
+                self.assertAllClose(results["moving"], results["own batch"])
+                self.assertAllClose(results["moving"], results["re-estimated"])
+            else:
+                self.assertNotAllClose(results["moving"]["noise"], results["own batch"]["noise"])
