@@ -201,10 +201,10 @@ PRESETS = {
 # === Fashion-MNIST (28x28x1, 60000 training images) ===
 # Every model uses the same backbone, a Wide-ResNet-10-1 (77k parameters, 28 -> 28 -> 14 -> 7,
 # 64 features), and the same budget of 1200 iterations of batch 64 (1.3 passes over the data),
-# so the study compares methods, not networks or budgets. Sized on time: a JEM iteration (20
-# SGLD steps) costs about 23 forward+backward passes; it took 1.56 s on this 2-core machine at
-# load 3, so about 1 s idle and JEM about 20 minutes, the softmax a few. An "epoch" here is
-# `steps_per_epoch` iterations, not a pass over the images.
+# so the study compares methods, not networks or budgets. Measured on this 2-core machine while
+# one other training run shared it: the softmax 175 s, JEM 3446 s (about 2.9 s per iteration;
+# an earlier estimate of 20 minutes was far off). An "epoch" here is `steps_per_epoch`
+# iterations, not a pass over the images.
 
 
 def _fashion_mnist(**sections):
