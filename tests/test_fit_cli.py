@@ -125,7 +125,12 @@ def test_presets_are_constructor_arguments():
     assert (model.sam.rho, model.sam.adaptive) == (0.5, True)
     assert (model.sampler.num_steps, model.sampler.clip_range) == (3, (-1.0, 1.0))
     assert model.buffer_size == 2000 and model.energy_l2_weight == 0.1
-    assert model.backbone.get_config()["norm"] == "batch"
+    # On digits GroupNorm and half the restarts from noise (docs/batch_norm.md); CIFAR: the
+    # papers' BatchNorm and informative restarts only.
+    assert model.backbone.get_config()["norm"] == "group"
+    assert model.buffer.uniform_fraction == 0.5
+    cifar = presets.resolve("sadajem", "cifar10")
+    assert (cifar["norm"], cifar["buffer_uniform_fraction"]) == ("batch", 0.0)
 
 
 def test_constructor_defaults_are_not_repeated_in_the_presets(monkeypatch):
