@@ -12,12 +12,16 @@ JEM++ was 0.94 / 0.44 / 0.93 over seeds 1-3.
 `reestimate_batch_norm` replaces the moving statistics with those of clean data, computed as
 the exact population mean and variance over the given images (the forward passes run in
 training mode, as `torch.optim.swa_utils.update_bn` does; Keras has no equivalent, hence this
-module). `trainers.fit` calls it after training for every model with BatchNorm layers.
+module). `trainers.fit --reestimate_batch_norm` calls it after training (off by default: it
+helps classification, not the density; docs/batch_norm.md).
 """
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+#: Default cap on the images `reestimate_batch_norm` reads.
+MAX_IMAGES = 10000
 
 
 def batch_norm_layers(model):
@@ -26,7 +30,7 @@ def batch_norm_layers(model):
             if isinstance(layer, keras.layers.BatchNormalization)]
 
 
-def reestimate_batch_norm(model, images, batch_size=100, max_images=10000):
+def reestimate_batch_norm(model, images, batch_size=100, max_images=MAX_IMAGES):
     """Sets every BatchNorm layer's moving statistics to those of `images`.
 
     Runs `model(batch, training=True)` over full batches of `images` and sets each layer's

@@ -442,13 +442,16 @@ def finish(state, history, rollbacks, wall_time):
     import keras_jem
 
     config, model, model_dir = state.config, state.model, state.model_dir
+    from keras_jem import batch_norm
+
     reestimated = 0
     if config["reestimate_batch_norm"]:
         # The moving statistics are mostly the sampler's last batch's (see keras_jem.batch_norm).
         reestimated = keras_jem.reestimate_batch_norm(model, state.train_images)
         if reestimated:
             print(f"[trainers.fit] BatchNorm moving statistics of {reestimated} layers "
-                  f"re-estimated on {min(len(state.train_images), 10000)} clean training images",
+                  f"re-estimated on {min(len(state.train_images), batch_norm.MAX_IMAGES)} clean "
+                  "training images",
                   flush=True)
     model.save(os.path.join(model_dir, "model.keras"))
     evaluation = model.evaluate(state.test_ds, verbose=0, return_dict=True)
