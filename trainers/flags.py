@@ -135,6 +135,9 @@ FLAGS = {
                           "per-element clip of the sampler gradient", "keras_jem.sampling:SGLD"),
     "clip_samples": Flag("sampler", "clip_range", bool,
                          "clamp samples to the data range [-1, 1]", "keras_jem.sampling:SGLD"),
+    "noise_first": Flag("sampler", "noise_first", bool, (
+        "sgld: add the noise before each gradient step, the gradient taken at the noisy x "
+        "(IGEBM's official order; default: after it, JEM's)"), "keras_jem.sampling:SGLD"),
     # SAM.
     "sam_rho": Flag("sam", "rho", float, "SAM radius (0: no SAM)", None),
     "sam_adaptive": Flag("sam", "adaptive", bool, "adaptive SAM (ASAM)",

@@ -29,17 +29,19 @@ class IGEBM(EnergyModel):
     mean E(x+) - mean E(x-) + energy_l2_weight * (mean E(x+)^2 + mean E(x-)^2)
     ```
 
-    where the negatives `x-` continue chains from the replay buffer (95% of them;
-    `reinit_probability=0.05` restart from uniform noise) with Langevin dynamics: per step
-    `x <- clip(x - step_size * clip(grad_x E, +-gradient_clip) + noise_scale * N(0, I))` with
-    x kept in the data range. The positives `x+` are dequantised first (`dequantization`).
+    where the negatives `x-` start from the replay buffer (95% of them;
+    `reinit_probability=0.05` start from uniform noise) and run Langevin dynamics: per step
+    `x <- x + noise_scale * N(0, I)`, then `x <- clip(x - step_size * clip(grad_x E,
+    +-gradient_clip))` with the gradient taken at the noisy x and x kept in the data range.
+    The positives `x+` are dequantised first (`dequantization`).
 
     keras-jem works on [-1, 1]; the official code (`openai/ebm_code_release`) on [0, 1] with
     step 10, gradient clip 0.01 and noise 0.005. With `u = 2x - 1`, `grad_u E = grad_x E / 2`,
     so the same chains on [-1, 1] take step 40, clip 0.005 and noise 0.01: the default sampler
-    is `SGLD(60, step_size=40, noise_scale=0.01, gradient_clip=0.005, clip_range=(-1, 1))`,
-    and each of its steps is `2 * (official step) - 1` (up to the order of noise and gradient
-    step: the official chain adds its noise first). The paper trains with its clipped Adam
+    is `SGLD(60, step_size=40, noise_scale=0.01, gradient_clip=0.005, clip_range=(-1, 1),
+    noise_first=True)`, and each of its steps is `2 * (official step) - 1`, noise first as in
+    the official chain (`noise_first=False` gives JEM's order, noise after the gradient step).
+    The paper trains with its clipped Adam
     (`keras_jem.optimizers.ClippedAdam(3e-4, beta_1=0, beta_2=0.999)`).
 
     A conditional model continues buffer chains under the labels of the batch: as in the
@@ -91,6 +93,7 @@ class IGEBM(EnergyModel):
         "noise_scale": 0.01,
         "gradient_clip": 0.005,
         "clip_range": (-1.0, 1.0),
+        "noise_first": True,
     }
 
     config_names = tuple(
