@@ -14,10 +14,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+import keras_jem
+from keras_jem import distribute
 from keras_jem.sampling import FIFOReplayBuffer
 from tests.two_devices import MIRRORED  # splits the CPU: before any TensorFlow op
+from tests.two_devices import SHAPE
 
 
 def copies(variable):
@@ -52,7 +56,29 @@ def check_ring():
     }
 
 
-CHECKS = {"ring": check_ring}
+def check_model():
+    """Two training steps of an unconditional IGEBM with its default FIFO buffer."""
+    with distribute.construction_scope(MIRRORED):
+        model = keras_jem.IGEBM(
+            keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(4)]), buffer_size=24,
+            sampler=keras_jem.sampling.SGLD(1, 40.0, 0.01, 0.005, (-1.0, 1.0), noise_first=True),
+            seed=1)
+    with MIRRORED.scope():
+        model.build((None,) + SHAPE)
+        model.compile(optimizer=keras.optimizers.SGD(0.01), jit_compile=False)
+    x = np.random.default_rng(0).uniform(-1, 1, (8,) + SHAPE).astype("float32")
+    with MIRRORED.scope():
+        model.fit(tf.data.Dataset.from_tensors(x).repeat(), epochs=1, steps_per_epoch=2,
+                  verbose=0)
+    images = copies(model.buffer.images)
+    return {
+        "buffer_type": model.buffer_type,
+        "num_written": [int(c) for c in copies(model.buffer.num_written)],
+        "copies_identical": bool(np.array_equal(images[0], images[1])),
+    }
+
+
+CHECKS = {"ring": check_ring, "model": check_model}
 
 
 def main(argv):

@@ -6,12 +6,14 @@ from [0, 1] to the buffer's `value_range`.
 """
 
 import json
+import os
 import pathlib
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_jem.models.igebm import IGEBM
 from keras_jem.sampling import FIFOReplayBuffer
 from keras_jem.sampling import ReplayBuffer
 from tests import testing
@@ -206,3 +208,94 @@ class TwoReplicaTest(testing.TestCase):
         # The two replicas draw different starts from the same ring.
         first, second = ring["draws"]
         self.assertNotEqual(first, second)
+        model = results.get("model")
+        self.assertNotIn("error", model, model.get("traceback"))
+        self.assertEqual(model["num_written"], [16, 16])  # 2 steps of a global batch of 8
+        self.assertTrue(model["copies_identical"])
+
+
+class IGEBMBufferTest(testing.TestCase):
+    def _model(self, **kwargs):
+        from tests.test_igebm import make_igebm
+
+        return make_igebm(num_steps=1, buffer_size=24, **kwargs)
+
+    def test_igebm_default_buffer_is_fifo_and_round_trips(self):
+        model = self._model()
+        self.assertEqual(model.buffer_type, "fifo")
+        self.assertIsInstance(model.buffer, FIFOReplayBuffer)
+        self.assertEqual(model.get_config()["buffer_type"], "fifo")
+        model.compile(optimizer=keras.optimizers.Adam(1e-3, beta_1=0.0))
+        images, labels = testing.load_digits("train", 32)
+        model.fit(images, labels, batch_size=8, epochs=1, steps_per_epoch=4, verbose=0)
+        self.assertEqual(int(model.buffer.num_written.numpy()), 32)  # 4 steps of 8 appended
+        path = os.path.join(self.get_temp_dir(), "fifo.keras")
+        model.save(path)
+        loaded = keras.saving.load_model(path)
+        self.assertIsInstance(loaded.buffer, FIFOReplayBuffer)
+        np.testing.assert_array_equal(testing.to_numpy(loaded.buffer.images),
+                                      testing.to_numpy(model.buffer.images))
+        self.assertEqual(int(loaded.buffer.num_written.numpy()), 32)
+        # Other models keep persistent chains; configs saved before `buffer_type` existed
+        # describe the persistent buffer.
+        config = model.get_config()
+        del config["buffer_type"]
+        self.assertEqual(IGEBM.from_config(config).buffer_type, "persistent")
+        import keras_jem
+
+        jem = testing.make_model(keras_jem.JEM, build=False)
+        self.assertEqual(jem.buffer_type, "persistent")
+        self.assertIsInstance(jem.buffer, ReplayBuffer)
+        self.assertNotIsInstance(jem.buffer, FIFOReplayBuffer)
+
+    def test_bad_buffer_settings(self):
+        with self.assertRaisesRegex(ValueError, "buffer_type.*Received: buffer_type='ring'"):
+            self._model(buffer_type="ring")
+        from tests.test_igebm import make_igebm
+
+        # A size that class blocks accept: only the FIFO's class-agnosticism is in the way.
+        with self.assertRaisesRegex(ValueError, "class-agnostic.*buffer_type='persistent'"):
+            make_igebm(buffer_size=30, class_blocks=True)
+        self.assertTrue(make_igebm(buffer_size=30, class_blocks=True,
+                                   buffer_type="persistent").class_blocks)
+
+    def test_sample_grid_and_sampling_from_the_fifo(self):
+        from keras_jem import callbacks
+
+        model = self._model(conditional=False)
+        directory = self.get_temp_dir()
+        grid = callbacks.SampleGrid(os.path.join(directory, "empty"), num_per_class=2)
+        grid.set_model(model)
+        grid.on_epoch_end(0)  # nothing stored yet: fresh chains instead
+        self.assertTrue(os.path.exists(grid.last_path))
+        model.buffer.write(None, constant_images(np.arange(40), (8, 8, 1)))
+        grid = callbacks.SampleGrid(os.path.join(directory, "stored"), num_per_class=2)
+        grid.set_model(model)
+        grid.on_epoch_end(0)
+        self.assertTrue(os.path.exists(grid.last_path))
+        # `sample(from_buffer=True)` starts from the ring and appends its samples.
+        samples = model.sample(num_samples=4, from_buffer=True, num_steps=0, seed=1)
+        self.assertEqual(int(model.buffer.num_written.numpy()), 44)
+        stored = set(range(16, 40))  # the last 24 codes written
+        codes = numpy_codes(testing.to_numpy(samples)[:, 0, 0, 0])
+        restarted = ~np.isin(codes, sorted(stored))
+        self.assertLessEqual(int(restarted.sum()), 1)  # 5% restarts: rarely one of four
+
+    def test_presets_and_flag(self):
+        from trainers import factory
+        from trainers import fit
+        from trainers import presets
+
+        config = presets.resolve("igebm", "digits")
+        self.assertEqual((config["buffer_type"], config["noise_first"]), ("fifo", True))
+        self.assertIsInstance(factory.build_model(config, num_classes=10).buffer,
+                              FIFOReplayBuffer)
+        self.assertTrue(factory.build_sampler(config).noise_first)
+        for model in ("jem", "jempp", "sadajem", "gmmc"):
+            self.assertEqual(presets.resolve(model, "digits")["buffer_type"], "persistent")
+        config, _ = fit.resolve_config(["--model", "igebm", "--buffer_type", "persistent",
+                                        "--no-noise_first"])
+        self.assertEqual(presets.sections(config)["model"]["buffer_type"], "persistent")
+        self.assertFalse(factory.build_sampler(config).noise_first)
+        with self.assertRaisesRegex(fit.ConfigError, "buffer_type.*'ring'"):
+            factory.build_model(dict(config, buffer_type="ring"), num_classes=10)

@@ -130,7 +130,8 @@ class EnergyTest(testing.TestCase):
 
     def test_bad_configuration(self):
         with self.assertRaisesRegex(ValueError, "not a multiple of 10"):
-            IGEBM(SNResNet(filters=8, num_classes=10), buffer_size=25, class_blocks=True)
+            IGEBM(SNResNet(filters=8, num_classes=10), buffer_size=25, class_blocks=True,
+                  buffer_type="persistent")
         # The class-agnostic buffer (the default) takes any size.
         self.assertEqual(IGEBM(SNResNet(filters=8, num_classes=10), buffer_size=25).buffer.size,
                          25)
@@ -201,7 +202,8 @@ class LossTest(testing.TestCase):
         # No sampler steps, no restarts: the negatives are exactly the buffer's chains.
         model = make_igebm(conditional=False, num_steps=0, buffer_size=4,
                            backbone=testing.DenseBackbone(feature_dim=3),
-                           reinit_probability=0.0, energy_l2_weight=0.5, dequantization=0.0)
+                           reinit_probability=0.0, energy_l2_weight=0.5, dequantization=0.0,
+                           buffer_type="persistent")
         model.compile(optimizer=keras.optimizers.SGD(0.0))
         images, _ = testing.load_digits("train", 4)
         chains = np.random.default_rng(1).uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
@@ -265,7 +267,9 @@ class LossTest(testing.TestCase):
     def test_conditional_buffer_is_class_agnostic_by_default(self):
         # Official train.py: chains are drawn from the whole buffer and continue under the
         # batch's labels. One-chain class blocks would touch only chain 0 for labels [0] * 5.
-        model = make_igebm(num_steps=1, buffer_size=10, reinit_probability=0.0)
+        # (Persistent chains, to see which are continued; the FIFO is class-agnostic too.)
+        model = make_igebm(num_steps=1, buffer_size=10, reinit_probability=0.0,
+                           buffer_type="persistent")
         self.assertFalse(model.class_blocks)
         model.compile(optimizer=keras.optimizers.SGD(0.0))
         chains = np.zeros((10, 8, 8, 1), np.float32)
@@ -277,7 +281,7 @@ class LossTest(testing.TestCase):
             10, -1).max(axis=1) > 0)
         self.assertLen(changed, 5)
         blocked = make_igebm(num_steps=1, buffer_size=10, reinit_probability=0.0,
-                             class_blocks=True)
+                             class_blocks=True, buffer_type="persistent")
         blocked.compile(optimizer=keras.optimizers.SGD(0.0))
         blocked.buffer.images.assign(chains)
         blocked.train_on_batch(images, labels)
@@ -294,7 +298,8 @@ class LossTest(testing.TestCase):
 
     def test_class_agnostic_negatives_use_the_batch_labels(self):
         # Every chain the same image z: the negatives' energy is E(z, y) at the batch's labels.
-        model = make_igebm(num_steps=0, buffer_size=10, reinit_probability=0.0)
+        model = make_igebm(num_steps=0, buffer_size=10, reinit_probability=0.0,
+                           buffer_type="persistent")
         model.compile(optimizer=keras.optimizers.SGD(0.0))
         z = np.full((10, 8, 8, 1), 0.3, np.float32)
         model.buffer.images.assign(z)
@@ -307,7 +312,7 @@ class LossTest(testing.TestCase):
 
     def test_conditional_negatives_come_from_the_label_block(self):
         model = make_igebm(num_steps=0, buffer_size=10, reinit_probability=0.0,
-                           class_blocks=True)
+                           class_blocks=True, buffer_type="persistent")
         model.compile(optimizer=keras.optimizers.SGD(0.0))
         images, _ = testing.load_digits("train", 3)
         # One chain per class; chain k is a constant image of value k/10 - 0.5.

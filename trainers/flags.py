@@ -99,6 +99,10 @@ FLAGS = {
     "buffer_size": Flag("model", "buffer_size", int, "replay buffer size", "keras_jem:JEM"),
     "buffer_init": Flag("model", "buffer_init", str, "uniform or gaussian_mixture",
                         "keras_jem:JEM"),
+    "buffer_type": Flag("model", "buffer_type", str, (
+        "persistent (chains written back in place) or fifo (a ring of the latest samples in 8 "
+        "bits, class-agnostic: IGEBM's official buffer)"),
+        "keras_jem.models.energy_model:EnergyModel"),
     "buffer_covariance": Flag("model", "buffer_covariance", str,
                               "full or diagonal class covariances (gaussian_mixture)",
                               "keras_jem.models.energy_model:EnergyModel"),
@@ -182,12 +186,12 @@ MODEL_ARGUMENTS = {
     "jem": ("buffer_size", "buffer_init", "buffer_covariance", "reinit_probability",
             "conditional_sampling", "px_weight", "pyx_weight", "pxy_weight", "energy_l2_weight",
             "sample_in_training_mode", "divergence_threshold", "weight_decay",
-            "buffer_uniform_fraction"),
+            "buffer_uniform_fraction", "buffer_type"),
     "gmmc": ("mode", "center_scale", "beta", "start_generative", "buffer_size",
              "reinit_probability", "energy_l2_weight", "sample_in_training_mode",
-             "divergence_threshold", "weight_decay"),
+             "divergence_threshold", "weight_decay", "buffer_type"),
     "igebm": ("buffer_size", "reinit_probability", "energy_l2_weight", "divergence_threshold",
-              "sample_in_training_mode"),
+              "sample_in_training_mode", "buffer_type"),
 }
 for _name in ("softmax", "jempp", "sadajem"):
     MODEL_ARGUMENTS[_name] = MODEL_ARGUMENTS["jem"]
