@@ -55,7 +55,8 @@ class DivergenceGuard(keras.callbacks.Callback):
 class SampleGrid(keras.callbacks.Callback):
     """Writes a PNG grid of the model's samples every `every` epochs.
 
-    By default it shows the persistent chains of the replay buffer, which is what the model has
+    By default it shows the images of the replay buffer (`buffer.stored_images()`: the
+    persistent chains, or the latest samples of a FIFO buffer), which is what the model has
     learned to generate (JEM's `cond_samples` protocol): a random subset of the buffer is
     classified and each row shows the most confident chains of one predicted class. Nothing is
     written back and no sampler step runs, so it costs one forward pass. With
@@ -86,11 +87,15 @@ class SampleGrid(keras.callbacks.Callback):
         self.last_path = None
 
     def _buffer_rows(self, epoch):
+        """Rows of buffer images and their labels, or None when the buffer holds none."""
         model = self.model
         rng = np.random.default_rng(self.seed + epoch)
-        count = min(model.buffer.size, 20 * model.num_classes * self.num_per_class)
-        indices = np.sort(rng.choice(model.buffer.size, count, replace=False))
-        images = keras.ops.convert_to_numpy(model.buffer.images)[indices]
+        stored = keras.ops.convert_to_numpy(model.buffer.stored_images())
+        if not len(stored):
+            return None
+        count = min(len(stored), 20 * model.num_classes * self.num_per_class)
+        indices = np.sort(rng.choice(len(stored), count, replace=False))
+        images = stored[indices]
         logits = keras.ops.convert_to_numpy(model.predict(images, batch_size=256, verbose=0))
         if model.num_classes == 1:
             # An unconditional model: the lowest-energy chains, row by row.
@@ -109,9 +114,10 @@ class SampleGrid(keras.callbacks.Callback):
         from keras_jem.metrics import images as image_lib
 
         model = self.model
-        if self.from_buffer:
-            images, labels = self._buffer_rows(epoch)
-        else:
+        rows = self._buffer_rows(epoch) if self.from_buffer else None
+        if rows is not None:
+            images, labels = rows
+        else:  # fresh chains (also when a FIFO buffer is still empty)
             labels = np.repeat(np.arange(self._rows()), self.num_per_class)
             images = keras.ops.convert_to_numpy(model.sample(
                 y=labels if model.num_classes > 1 else np.zeros_like(labels),

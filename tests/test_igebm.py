@@ -130,7 +130,8 @@ class EnergyTest(testing.TestCase):
 
     def test_bad_configuration(self):
         with self.assertRaisesRegex(ValueError, "not a multiple of 10"):
-            IGEBM(SNResNet(filters=8, num_classes=10), buffer_size=25, class_blocks=True)
+            IGEBM(SNResNet(filters=8, num_classes=10), buffer_size=25, class_blocks=True,
+                  buffer_type="persistent")
         # The class-agnostic buffer (the default) takes any size.
         self.assertEqual(IGEBM(SNResNet(filters=8, num_classes=10), buffer_size=25).buffer.size,
                          25)
@@ -151,18 +152,24 @@ class EnergyTest(testing.TestCase):
         self.assertIsInstance(model.sampler, sampling.SGLD)
         self.assertEqual(model.sampler.get_config(), {
             "num_steps": 60, "step_size": 40.0, "noise_scale": 0.01, "gradient_clip": 0.005,
-            "clip_range": [-1.0, 1.0],
+            "clip_range": [-1.0, 1.0], "noise_first": True,
         })
         self.assertEqual(model.buffer.reinit_probability, 0.05)
 
     def test_one_step_on_minus_one_one_is_twice_the_official_step_on_zero_one(self):
         # The official step on [0, 1] (train.py): p += N(0, 0.005); p -= 10 * clip(grad_p E,
-        # +-0.01); p = clip(p, 0, 1). Written in numpy for E(p) = sum(a * p), whose gradient
-        # is `a` wherever the noise puts p (so the order of noise and gradient does not
-        # matter); |a| up to 0.03 puts some pixels beyond the clip and some within.
-        def official_step(p, noise, a):
-            p = p + noise
-            p = p - 10.0 * np.clip(a, -0.01, 0.01)
+        # +-0.01) with the gradient at the noisy p; p = clip(p, 0, 1). Written in numpy for
+        # E(p) = sum(a * p + c * p^2 / 2), whose gradient a + c * p depends on where the noise
+        # puts p (so the order of noise and gradient matters); |a| up to 0.03 puts some pixels
+        # beyond the clip and some within.
+        c = 0.02
+
+        def official_step(p, noise, a, noise_first=True):
+            if noise_first:
+                p = p + noise
+            p = p - 10.0 * np.clip(a + c * p, -0.01, 0.01)
+            if not noise_first:
+                p = p + noise
             return np.clip(p, 0.0, 1.0)
 
         rng = np.random.default_rng(0)
@@ -173,8 +180,9 @@ class EnergyTest(testing.TestCase):
         p0[:, 1] = 1.0
         sampler = IGEBM(SNResNet(filters=8)).sampler
         seed = tf.constant([5, 6], tf.int64)
-        # Same energy on u = 2p - 1: E(u) = sum(a * (u + 1) / 2).
-        energy = lambda u: tf.reduce_sum(a * (u + 1.0) / 2.0, axis=[1, 2, 3])
+        # Same energy on u = 2p - 1.
+        energy = lambda u: tf.reduce_sum(a * (u + 1.0) / 2.0 + c * tf.square((u + 1.0) / 2.0)
+                                         / 2.0, axis=[1, 2, 3])
         flat = lambda u: tf.reduce_sum(0.0 * u, axis=[1, 2, 3])
         # The sampler's own noise for this seed: one step on a flat energy from 0.
         noise_u = testing.to_numpy(sampler.run(flat, np.zeros(shape, np.float32), seed, 1))
@@ -184,6 +192,9 @@ class EnergyTest(testing.TestCase):
         expected = 2.0 * official_step(p0, noise_p, a) - 1.0
         self.assertAllClose(u1, expected, atol=2e-6, rtol=0)
         self.assertTrue(np.any(u1 == -1.0) and np.any(u1 == 1.0))
+        # JEM's order (noise after the step) is a different chain here.
+        noise_last = 2.0 * official_step(p0, noise_p, a, noise_first=False) - 1.0
+        self.assertGreater(np.abs(noise_last - expected).max(), 1e-4)
 
 
 class LossTest(testing.TestCase):
@@ -191,7 +202,8 @@ class LossTest(testing.TestCase):
         # No sampler steps, no restarts: the negatives are exactly the buffer's chains.
         model = make_igebm(conditional=False, num_steps=0, buffer_size=4,
                            backbone=testing.DenseBackbone(feature_dim=3),
-                           reinit_probability=0.0, energy_l2_weight=0.5, dequantization=0.0)
+                           reinit_probability=0.0, energy_l2_weight=0.5, dequantization=0.0,
+                           buffer_type="persistent")
         model.compile(optimizer=keras.optimizers.SGD(0.0))
         images, _ = testing.load_digits("train", 4)
         chains = np.random.default_rng(1).uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
@@ -255,7 +267,9 @@ class LossTest(testing.TestCase):
     def test_conditional_buffer_is_class_agnostic_by_default(self):
         # Official train.py: chains are drawn from the whole buffer and continue under the
         # batch's labels. One-chain class blocks would touch only chain 0 for labels [0] * 5.
-        model = make_igebm(num_steps=1, buffer_size=10, reinit_probability=0.0)
+        # (Persistent chains, to see which are continued; the FIFO is class-agnostic too.)
+        model = make_igebm(num_steps=1, buffer_size=10, reinit_probability=0.0,
+                           buffer_type="persistent")
         self.assertFalse(model.class_blocks)
         model.compile(optimizer=keras.optimizers.SGD(0.0))
         chains = np.zeros((10, 8, 8, 1), np.float32)
@@ -267,7 +281,7 @@ class LossTest(testing.TestCase):
             10, -1).max(axis=1) > 0)
         self.assertLen(changed, 5)
         blocked = make_igebm(num_steps=1, buffer_size=10, reinit_probability=0.0,
-                             class_blocks=True)
+                             class_blocks=True, buffer_type="persistent")
         blocked.compile(optimizer=keras.optimizers.SGD(0.0))
         blocked.buffer.images.assign(chains)
         blocked.train_on_batch(images, labels)
@@ -284,7 +298,8 @@ class LossTest(testing.TestCase):
 
     def test_class_agnostic_negatives_use_the_batch_labels(self):
         # Every chain the same image z: the negatives' energy is E(z, y) at the batch's labels.
-        model = make_igebm(num_steps=0, buffer_size=10, reinit_probability=0.0)
+        model = make_igebm(num_steps=0, buffer_size=10, reinit_probability=0.0,
+                           buffer_type="persistent")
         model.compile(optimizer=keras.optimizers.SGD(0.0))
         z = np.full((10, 8, 8, 1), 0.3, np.float32)
         model.buffer.images.assign(z)
@@ -297,7 +312,7 @@ class LossTest(testing.TestCase):
 
     def test_conditional_negatives_come_from_the_label_block(self):
         model = make_igebm(num_steps=0, buffer_size=10, reinit_probability=0.0,
-                           class_blocks=True)
+                           class_blocks=True, buffer_type="persistent")
         model.compile(optimizer=keras.optimizers.SGD(0.0))
         images, _ = testing.load_digits("train", 3)
         # One chain per class; chain k is a constant image of value k/10 - 0.5.
@@ -491,8 +506,8 @@ class OfficialCodeTest(testing.TestCase):
             sampler = factory.build_sampler(config)
             self.assertEqual(
                 (sampler.step_size, sampler.noise_scale, sampler.gradient_clip,
-                 sampler.clip_range),
-                (40.0, 0.01, 0.005, (-1.0, 1.0)))
+                 sampler.clip_range, sampler.noise_first),
+                (40.0, 0.01, 0.005, (-1.0, 1.0), True))
             optimizer = factory.build_optimizer(config, steps_per_epoch=10)
             self.assertIsInstance(optimizer, ClippedAdam)
             self.assertEqual((optimizer.beta_1, optimizer.beta_2, optimizer.clip_std,

@@ -567,7 +567,8 @@ class IGEBMLossTest(KnownAnswerCase):
         model = keras_jem.IGEBM(testing.LinearBackbone(FEATURES),
                                 sampler=testing.RecordingSampler(sampler), buffer_size=8,
                                 reinit_probability=0.0, energy_l2_weight=l2, seed=4,
-                                dequantization=0.0)  # exact positives (dequantised: test_igebm)
+                                dequantization=0.0,  # exact positives (dequantised: test_igebm)
+                                buffer_type="persistent")  # chains set by hand
         model.build((None,) + SHAPE)
         weights = {(DIM, FEATURES): rng.normal(0, 0.8, (DIM, FEATURES)),
                    (FEATURES,): rng.normal(0, 0.3, (FEATURES,)),
@@ -631,7 +632,8 @@ class ConditionalIGEBMLossTest(KnownAnswerCase):
         model = keras_jem.IGEBM(ConditionalLinearBackbone(num_classes),
                                 sampler=testing.RecordingSampler(sampler), buffer_size=8,
                                 reinit_probability=0.0, energy_l2_weight=l2, seed=4,
-                                class_blocks=True, dequantization=0.0)
+                                class_blocks=True, dequantization=0.0,
+                                buffer_type="persistent")
         model.build((None,) + SHAPE)
         weights = {(DIM, FEATURES): rng.normal(0, 0.8, (DIM, FEATURES)),
                    (num_classes, FEATURES): rng.normal(0, 1.0, (num_classes, FEATURES)),

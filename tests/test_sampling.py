@@ -156,6 +156,36 @@ class SGLDTest(testing.TestCase):
                               seed=_seed(5))
         self.assertAllClose(testing.to_numpy(samples).std(0), [0.3, 0.3], rtol=0.05)
 
+    def test_noise_first_takes_the_gradient_at_the_noisy_point(self):
+        # E(x) = 0.5 * sum(x^2): grad = x. One step, clipped gradient and box, both orders,
+        # against numpy. The noise n is the sampler's own draw for this seed (one step on a flat
+        # energy from 0, the same draw in both orders).
+        step, noise_scale, clip, box = 0.6, 0.3, 0.4, (-1.0, 1.0)
+        x0 = _uniform((64, 3, 3, 1), seed=1)
+        seed = _seed(4, 2)
+        flat = lambda x: _per_example_sum(0.0 * x)
+        quadratic = lambda x: 0.5 * _per_example_sum(tf.square(x))
+        results = {}
+        for noise_first in (True, False):
+            sampler = SGLD(num_steps=1, step_size=step, noise_scale=noise_scale,
+                           gradient_clip=clip, clip_range=box, noise_first=noise_first)
+            n = testing.to_numpy(SGLD(1, step, noise_scale, noise_first=noise_first).run(
+                flat, np.zeros_like(x0), seed=seed))
+            results[noise_first] = (testing.to_numpy(sampler.run(quadratic, x0, seed=seed)), n)
+        n = results[True][1]
+        self.assertAllEqual(n, results[False][1])
+        self.assertAllClose(n.std(), noise_scale, rtol=0.1)
+        noisy = x0 + n
+        first = np.clip(noisy - step * np.clip(noisy, -clip, clip), *box)
+        last = np.clip(x0 - step * np.clip(x0, -clip, clip) + n, *box)
+        self.assertAllClose(results[True][0], first, atol=1e-6, rtol=0)
+        self.assertAllClose(results[False][0], last, atol=1e-6, rtol=0)
+        # The two orders differ where the noise moves x across the gradient clip.
+        self.assertGreater(np.abs(first - last).max(), 0.05)
+        self.assertFalse(SGLD().noise_first)
+        with self.assertRaisesRegex(ValueError, "noise_first.*Received: noise_first='yes'"):
+            SGLD(noise_first="yes")
+
     def test_per_example_step_is_independent_of_batch_size(self):
         # The gradient of the *sum* of energies: each example moves by step_size * dE_i/dx_i,
         # whatever the batch size (a mean would shrink the step by 1/batch_size).
@@ -217,8 +247,9 @@ class SGLDTest(testing.TestCase):
 
     def test_config_round_trip(self):
         sampler = SGLD(num_steps=7, step_size=0.3, noise_scale=0.02, gradient_clip=1.0,
-                       clip_range=(-1, 1))
+                       clip_range=(-1, 1), noise_first=True)
         config = sampler.get_config()
+        self.assertTrue(config["noise_first"])
         json.dumps(config)
         self.assertEqual(SGLD.from_config(config).get_config(), config)
         restored = sampling.deserialize(json.loads(json.dumps(sampling.serialize(sampler))))

@@ -445,7 +445,8 @@ def run_tensorflow_config(config):
     backbone = model.layers[0] if is_softmax else model.backbone
     result["parameters"] = int(sum(math.prod(v.shape) for v in model.trainable_variables))
     if not is_softmax:
-        result["buffer_mb"] = math.prod(model.buffer.images.shape) * 4 / 2**20
+        images = model.buffer.images  # float32 chains, or a FIFO buffer's uint8 samples
+        result["buffer_mb"] = math.prod(images.shape) * tf.as_dtype(images.dtype).size / 2**20
 
     counter = {"train_step": 0, "backbone": 0}
     _count_calls(model, "train_step", counter, "train_step")

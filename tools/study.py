@@ -177,8 +177,11 @@ def buffer_images(model_path):
 
     model = keras.saving.load_model(model_path, compile=False)
     buffer = getattr(model, "buffer", None)
-    images = getattr(buffer, "images", None) if buffer is not None else None
-    return None if images is None else keras.ops.convert_to_numpy(images)
+    if buffer is None or not hasattr(buffer, "stored_images"):
+        return None
+    # Float images in the data range (a FIFO buffer's 8-bit samples decoded).
+    images = keras.ops.convert_to_numpy(buffer.stored_images())
+    return images if len(images) else None
 
 
 def fid_scores(dataset, feature_path, run_dirs, reference_examples, eval_examples=None):

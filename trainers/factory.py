@@ -44,7 +44,8 @@ def build_sampler(config):
                 "noise_scale")
     else:
         cls = sampling.SGLD
-        keys = ("num_steps", "step_size", "noise_scale", "gradient_clip", "clip_range")
+        keys = ("num_steps", "step_size", "noise_scale", "gradient_clip", "clip_range",
+                "noise_first")
     return _constructed(f"--sampler {name} ({cls.__name__})", cls,
                         **{key: kwargs[key] for key in keys})
 

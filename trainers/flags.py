@@ -99,6 +99,10 @@ FLAGS = {
     "buffer_size": Flag("model", "buffer_size", int, "replay buffer size", "keras_jem:JEM"),
     "buffer_init": Flag("model", "buffer_init", str, "uniform or gaussian_mixture",
                         "keras_jem:JEM"),
+    "buffer_type": Flag("model", "buffer_type", str, (
+        "persistent (chains written back in place) or fifo (a ring of the latest samples in 8 "
+        "bits, class-agnostic: IGEBM's official buffer)"),
+        "keras_jem.models.energy_model:EnergyModel"),
     "buffer_covariance": Flag("model", "buffer_covariance", str,
                               "full or diagonal class covariances (gaussian_mixture)",
                               "keras_jem.models.energy_model:EnergyModel"),
@@ -135,6 +139,9 @@ FLAGS = {
                           "per-element clip of the sampler gradient", "keras_jem.sampling:SGLD"),
     "clip_samples": Flag("sampler", "clip_range", bool,
                          "clamp samples to the data range [-1, 1]", "keras_jem.sampling:SGLD"),
+    "noise_first": Flag("sampler", "noise_first", bool, (
+        "sgld: add the noise before each gradient step, the gradient taken at the noisy x "
+        "(IGEBM's official order; default: after it, JEM's)"), "keras_jem.sampling:SGLD"),
     # SAM.
     "sam_rho": Flag("sam", "rho", float, "SAM radius (0: no SAM)", None),
     "sam_adaptive": Flag("sam", "adaptive", bool, "adaptive SAM (ASAM)",
@@ -179,12 +186,12 @@ MODEL_ARGUMENTS = {
     "jem": ("buffer_size", "buffer_init", "buffer_covariance", "reinit_probability",
             "conditional_sampling", "px_weight", "pyx_weight", "pxy_weight", "energy_l2_weight",
             "sample_in_training_mode", "divergence_threshold", "weight_decay",
-            "buffer_uniform_fraction"),
+            "buffer_uniform_fraction", "buffer_type"),
     "gmmc": ("mode", "center_scale", "beta", "start_generative", "buffer_size",
              "reinit_probability", "energy_l2_weight", "sample_in_training_mode",
-             "divergence_threshold", "weight_decay"),
+             "divergence_threshold", "weight_decay", "buffer_type"),
     "igebm": ("buffer_size", "reinit_probability", "energy_l2_weight", "divergence_threshold",
-              "sample_in_training_mode"),
+              "sample_in_training_mode", "buffer_type"),
 }
 for _name in ("softmax", "jempp", "sadajem"):
     MODEL_ARGUMENTS[_name] = MODEL_ARGUMENTS["jem"]

@@ -177,17 +177,20 @@ PRESETS = {
     # --conditional false --sn_filters 128 --sn_num_blocks 3 --dropout_rate 0.5 --epochs 310
     # (its dropout then stays on in the Langevin steps: IGEBM's sample_in_training_mode None).
     # keras-jem works on [-1, 1]: the official step 10, gradient clip 0.01 and noise 0.005 on
-    # [0, 1] are step 40, clip 0.005 and noise 0.01 here (u = 2x - 1, grad_u = grad_x / 2).
-    # The buffer is class-agnostic (chains continue under the batch's labels, as the official
-    # train.py); the optimizer is the official clipped Adam.
+    # [0, 1] are step 40, clip 0.005 and noise 0.01 here (u = 2x - 1, grad_u = grad_x / 2); the
+    # chain adds its noise before each gradient step, as the official one.
+    # The buffer is the official train.py's: a class-agnostic FIFO of the latest samples in
+    # 8 bits (they continue under the batch's labels; its train.py holds 50000, the paper 10000);
+    # the optimizer is the official clipped Adam.
     "igebm": {
         "*": {"backbone": {"conditional": True, "filters": 64, "num_blocks": 1,
                            "pooling": "sum"},
               "model": {"buffer_size": 10000, "reinit_probability": 0.05,
-                        "energy_l2_weight": 1.0, "sample_in_training_mode": None},
+                        "energy_l2_weight": 1.0, "sample_in_training_mode": None,
+                        "buffer_type": "fifo"},
               "sampler": {"name": "sgld", "num_steps": 60, "step_size": 40.0,
                           "noise_scale": 0.01, "gradient_clip": 0.005,
-                          "clip_range": (-1.0, 1.0)},
+                          "clip_range": (-1.0, 1.0), "noise_first": True},
               "optimizer": {"name": "clipped_adam", "learning_rate": 3e-4, "beta_1": 0.0,
                             "beta_2": 0.999},
               "data": {"augment": "none", "augment_px": False, "noise_scale": 0.0}},

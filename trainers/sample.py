@@ -320,7 +320,9 @@ def sample_mala(model, args, num_samples=None, y=None):
     labels = None if y is None else tf.constant(np.asarray(y, np.int32))
     seed = tf.constant([args.seed, 29], tf.int64)
     if args.from_buffer:
-        _, x_init, _ = model.buffer.draw(num_samples, labels=labels, seed=seed)
+        # The labels the model's buffer draws by (None: class-agnostic, e.g. IGEBM's FIFO).
+        _, x_init, _ = model.buffer.draw(num_samples, labels=model._buffer_labels(labels),
+                                         seed=seed)
     else:
         x_init = model.buffer.fresh_samples(num_samples, labels=labels, seed=seed)
     sampler = MALA(num_steps=args.num_steps, step_size=args.step_size,

@@ -56,7 +56,11 @@ class EnergyModel(SamplingAPI, keras.Model):
         num_classes: number of classes (None: the method has no labels).
         sampler: a `keras_jem.sampling.Sampler` (None: `default_sampler_class(
             **default_sampler_config)`).
-        buffer_size: number of persistent chains.
+        buffer_size: number of persistent chains (or of stored samples, `buffer_type="fifo"`).
+        buffer_type: `"persistent"` (`keras_jem.sampling.ReplayBuffer`: chains continued and
+            written back in place, JEM's) or `"fifo"` (`keras_jem.sampling.FIFOReplayBuffer`:
+            a ring of the latest samples in 8 bits, class-agnostic, uniform init only; the
+            official IGEBM code's).
         buffer_init: `"uniform"` or `"gaussian_mixture"` (then call `adapt_buffer` first).
         reinit_probability: probability of restarting a chain from a fresh sample.
         buffer_covariance: `"full"` or `"diagonal"` class Gaussians for the informative init.
@@ -87,8 +91,11 @@ class EnergyModel(SamplingAPI, keras.Model):
         "num_classes", "sampler", "buffer_size", "buffer_init", "reinit_probability",
         "energy_l2_weight", "sample_in_training_mode", "divergence_threshold", "sam",
         "buffer_covariance", "weight_decay", "seed", "sequential_passes",
-        "buffer_uniform_fraction",
+        "buffer_uniform_fraction", "buffer_type",
     )
+    #: The replay buffer classes of `buffer_type`.
+    buffer_classes: ClassVar[dict] = {
+        "persistent": sampling.ReplayBuffer, "fifo": sampling.FIFOReplayBuffer}
 
     def __init__(
         self,
@@ -108,9 +115,23 @@ class EnergyModel(SamplingAPI, keras.Model):
         seed=None,
         sequential_passes=True,
         buffer_uniform_fraction=0.0,
+        buffer_type="persistent",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if buffer_type not in self.buffer_classes:
+            raise ValueError(
+                f"`buffer_type` must be one of {tuple(self.buffer_classes)}: 'persistent' "
+                "(chains written back in place) or 'fifo' (a ring of recent 8-bit samples). "
+                f"Received: buffer_type={buffer_type!r}"
+            )
+        if buffer_type == "fifo" and class_blocks:
+            raise ValueError(
+                f"{self.__class__.__name__} draws its chains class-conditionally (from per-class "
+                "blocks of the replay buffer), but buffer_type='fifo' is class-agnostic, as the "
+                "official IGEBM buffer. Use buffer_type='persistent' for class-conditional "
+                "chains, or turn class-conditional sampling off."
+            )
         for name, value in (("energy_l2_weight", energy_l2_weight),
                             ("weight_decay", weight_decay)):
             if value < 0:
@@ -141,6 +162,7 @@ class EnergyModel(SamplingAPI, keras.Model):
         self.reinit_probability = float(reinit_probability)
         self.buffer_covariance = buffer_covariance
         self.buffer_uniform_fraction = float(buffer_uniform_fraction)
+        self.buffer_type = buffer_type
         self.energy_l2_weight = float(energy_l2_weight)
         self.sample_in_training_mode = bool(sample_in_training_mode)
         self.divergence_threshold = float(divergence_threshold)
@@ -153,7 +175,7 @@ class EnergyModel(SamplingAPI, keras.Model):
 
         # === Layers ===
         self._create_head()
-        self.buffer = sampling.ReplayBuffer(
+        self.buffer = self.buffer_classes[buffer_type](
             size=buffer_size,
             initialization=buffer_init,
             reinit_probability=reinit_probability,
@@ -295,6 +317,10 @@ class EnergyModel(SamplingAPI, keras.Model):
         self.buffer.write(indices, samples)
         return samples
 
+    def _buffer_labels(self, labels):
+        # A FIFO buffer is class-agnostic: a chain for any label starts from any sample.
+        return None if self.buffer_type == "fifo" else labels
+
     # === Training ===
 
     def training_batch(self, x, y, sample_weight):
@@ -434,6 +460,8 @@ class EnergyModel(SamplingAPI, keras.Model):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
+        # Configs saved before `buffer_type` existed describe the persistent buffer.
+        config.setdefault("buffer_type", "persistent")
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
         config["sampler"] = sampling.deserialize(config.get("sampler"))
         if "sam" in config:

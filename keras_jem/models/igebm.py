@@ -29,26 +29,35 @@ class IGEBM(EnergyModel):
     mean E(x+) - mean E(x-) + energy_l2_weight * (mean E(x+)^2 + mean E(x-)^2)
     ```
 
-    where the negatives `x-` continue chains from the replay buffer (95% of them;
-    `reinit_probability=0.05` restart from uniform noise) with Langevin dynamics: per step
-    `x <- clip(x - step_size * clip(grad_x E, +-gradient_clip) + noise_scale * N(0, I))` with
-    x kept in the data range. The positives `x+` are dequantised first (`dequantization`).
+    where the negatives `x-` start from the replay buffer (95% of them;
+    `reinit_probability=0.05` start from uniform noise) and run Langevin dynamics: per step
+    `x <- x + noise_scale * N(0, I)`, then `x <- clip(x - step_size * clip(grad_x E,
+    +-gradient_clip))` with the gradient taken at the noisy x and x kept in the data range.
+    The positives `x+` are dequantised first (`dequantization`).
 
     keras-jem works on [-1, 1]; the official code (`openai/ebm_code_release`) on [0, 1] with
     step 10, gradient clip 0.01 and noise 0.005. With `u = 2x - 1`, `grad_u E = grad_x E / 2`,
     so the same chains on [-1, 1] take step 40, clip 0.005 and noise 0.01: the default sampler
-    is `SGLD(60, step_size=40, noise_scale=0.01, gradient_clip=0.005, clip_range=(-1, 1))`,
-    and each of its steps is `2 * (official step) - 1` (up to the order of noise and gradient
-    step: the official chain adds its noise first). The paper trains with its clipped Adam
+    is `SGLD(60, step_size=40, noise_scale=0.01, gradient_clip=0.005, clip_range=(-1, 1),
+    noise_first=True)`, and each of its steps is `2 * (official step) - 1`, noise first as in
+    the official chain (`noise_first=False` gives JEM's order, noise after the gradient step).
+    The paper trains with its clipped Adam
     (`keras_jem.optimizers.ClippedAdam(3e-4, beta_1=0, beta_2=0.999)`).
 
-    A conditional model continues buffer chains under the labels of the batch: as in the
-    official `train.py`, the buffer is class-agnostic (a chain drawn for label 3 may continue
-    under label 7); `class_blocks=True` draws each chain from its label's block of the buffer
-    instead. It trains on the labelled stream (`images`, y); an unconditional model uses
-    the likelihood stream (`px_images` when given) and needs no labels. An unconditional model
-    is a one-class model: `num_classes == 1`, logits `(B, 1) = -E(x)`, and the label 0 (the
-    only one) is accepted wherever labels are.
+    As in the official `train.py`, the replay buffer is a first-in-first-out ring of the
+    latest samples stored in 8 bits (`keras_jem.sampling.FIFOReplayBuffer`): every step appends
+    its final chain states (the oldest are overwritten) and the next batch starts from images
+    drawn from it with replacement and dequantised; until it holds more than a batch, every
+    chain starts from noise. `buffer_type="persistent"` keeps JEM's persistent chains instead
+    (`keras_jem.sampling.ReplayBuffer`, written back in place).
+
+    A conditional model runs its chains under the labels of the batch: as in the official
+    `train.py`, the buffer is class-agnostic (an image sampled under label 3 may continue
+    under label 7); with `buffer_type="persistent"`, `class_blocks=True` draws each chain from
+    its label's block of the buffer instead. It trains on the labelled stream (`images`, y);
+    an unconditional model uses the likelihood stream (`px_images` when given) and needs no
+    labels. An unconditional model is a one-class model: `num_classes == 1`, logits
+    `(B, 1) = -E(x)`, and the label 0 (the only one) is accepted wherever labels are.
 
     Beyond `sample`, the model exposes the IGEBM paper's tasks: `inpaint`, `denoise`
     (with `keras_jem.generation.salt_and_pepper`) and `compose` (sampling from summed energies).
@@ -58,9 +67,9 @@ class IGEBM(EnergyModel):
             images to `(B, D)`; conditional when it has a `num_classes` attribute that is not
             None, then called as `backbone(x, labels=y, training=...)`.
         sampler: a `keras_jem.sampling.Sampler` (default: IGEBM's clipped Langevin dynamics).
-        buffer_size: number of persistent chains (10000; a multiple of `num_classes` with
-            `class_blocks`).
-        reinit_probability: fraction of chains restarted from noise at each step (0.05).
+        buffer_size: capacity of the replay buffer (10000, the paper's; the official
+            `train.py` uses 50000; a multiple of `num_classes` with `class_blocks`).
+        reinit_probability: fraction of chains started from noise at each step (0.05).
         energy_l2_weight: weight `alpha` of the energy magnitude penalty (IGEBM: 1.0).
         divergence_threshold: magnitude of loss or energies reported as `diverged` (1e8).
         sample_in_training_mode: run the sampler with `training=True` (dropout on, spectral
@@ -68,16 +77,20 @@ class IGEBM(EnergyModel):
             (`dropout_rate > 0`, the ResNet32Large), as the official code, whose dropout is
             on in every forward pass of training, Langevin steps included.
         class_blocks: draw a conditional model's chains from per-label blocks of the buffer
-            (False: one class-agnostic buffer, the official code's).
+            (False: one class-agnostic buffer, the official code's). Needs
+            `buffer_type="persistent"`.
         dequantization: width `d` of the uniform noise added to the positives in training:
             `x+ = (x + 1) (1 - d / 2) - 1 + U(0, d)` (2/256: the official `x * 255/256 +
             U(0, 1/256)` on [0, 1], mapped to [-1, 1]; 0 turns it off).
-        seed: seed of the sampler's noise and the initial buffer.
+        seed: seed of the sampler's noise and the buffer draws.
+        buffer_type: `"fifo"` (default: the official code's ring of 8-bit samples) or
+            `"persistent"` (chains written back in place).
         **kwargs: other `EnergyModel` arguments (`weight_decay`, `sam`, ...).
 
     Example:
 
     >>> model = keras_jem.IGEBM(keras_jem.backbones.SNResNet(num_classes=10))
+    >>> model.buffer                                   # FIFOReplayBuffer (buffer_type="fifo")
     >>> model.compile(optimizer=keras_jem.optimizers.ClippedAdam(3e-4, beta_1=0.0))
     >>> model.fit(train_ds, epochs=100, steps_per_epoch=390)
     >>> sevens = model.sample(y=[7] * 16)
@@ -91,6 +104,7 @@ class IGEBM(EnergyModel):
         "noise_scale": 0.01,
         "gradient_clip": 0.005,
         "clip_range": (-1.0, 1.0),
+        "noise_first": True,
     }
 
     config_names = tuple(
@@ -111,6 +125,7 @@ class IGEBM(EnergyModel):
         seed=None,
         class_blocks=False,
         dequantization=2.0 / 256.0,
+        buffer_type="fifo",
         **kwargs,
     ):
         if isinstance(backbone, dict):
@@ -141,6 +156,7 @@ class IGEBM(EnergyModel):
             sample_in_training_mode=sample_in_training_mode,
             divergence_threshold=divergence_threshold,
             seed=seed,
+            buffer_type=buffer_type,
             **kwargs,
         )
         # An unconditional model is a one-class model (logits (B, 1) = -E(x)).

@@ -1,5 +1,6 @@
 """Samplers and the replay buffer: one interface for every method."""
 
+from keras_jem.sampling.fifo_buffer import FIFOReplayBuffer
 from keras_jem.sampling.latent_target import LatentTargetSampler
 from keras_jem.sampling.mala import MALA
 from keras_jem.sampling.noise import next_seed

@@ -258,6 +258,10 @@ class ReplayBuffer(keras.layers.Layer):
 
     # === Chains ===
 
+    def stored_images(self):
+        """Every chain, float32 in `value_range` (`(size, *image_shape)`)."""
+        return tf.convert_to_tensor(self.images)
+
     def fresh_samples(self, batch_size, labels=None, seed=None):
         """Fresh chain starts: uniform noise, or the class Gaussians (labels random if None).
 

@@ -1,6 +1,7 @@
 """Stochastic gradient Langevin dynamics, as used by JEM, SADA-JEM and IGEBM."""
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_jem.sampling import noise
@@ -22,9 +23,19 @@ class SGLD(Sampler):
     x = clip(x, *clip_range)                       # optional box, e.g. the data range
     ```
 
+    With `noise_first=True` (the official IGEBM code's order) the noise comes first and the
+    gradient is taken at the noisy point:
+
+    ```
+    x = x + noise_scale * N(0, I)
+    x = x - step_size * clip(grad_x sum_i E(x_i), -gradient_clip, gradient_clip)
+    x = clip(x, *clip_range)
+    ```
+
     JEM uses `step_size=1, noise_scale=0.01` and no clipping; SADA-JEM `num_steps=5, noise_scale=0,
     gradient_clip=1, clip_range=(-1, 1)`; IGEBM `num_steps=60, step_size=10, noise_scale=0.005,
-    gradient_clip=0.01` with x clipped to the data range. `noise_scale = sqrt(2 * step_size)` gives
+    gradient_clip=0.01, noise_first=True` with x clipped to the data range [0, 1] (keras-jem's
+    `IGEBM` uses the same chain rescaled to [-1, 1]). `noise_scale = sqrt(2 * step_size)` gives
     textbook Langevin dynamics.
 
     Args:
@@ -33,11 +44,16 @@ class SGLD(Sampler):
         noise_scale: standard deviation of the Gaussian noise added each step (JEM: 0.01).
         gradient_clip: optional per-element clip of the gradient.
         clip_range: optional `(low, high)` box that x is clamped to after each step.
+        noise_first: add the noise before the gradient step (True: the official IGEBM code's
+            order, the gradient taken at the noisy x) or after it (False, default: JEM's).
+            The noise draws are the same in both orders for the same seed.
 
     Example:
 
     >>> sampler = SGLD(num_steps=20, step_size=1.0, noise_scale=0.01)
     >>> samples = sampler(model, x_init, seed=tf.constant([1, 2], "int64"))
+    >>> igebm = SGLD(60, step_size=40.0, noise_scale=0.01, gradient_clip=0.005,
+    ...              clip_range=(-1.0, 1.0), noise_first=True)
     """
 
     config_names = Sampler.config_names + (
@@ -45,6 +61,7 @@ class SGLD(Sampler):
         "noise_scale",
         "gradient_clip",
         "clip_range",
+        "noise_first",
     )
 
     def __init__(
@@ -54,6 +71,7 @@ class SGLD(Sampler):
         noise_scale=0.01,
         gradient_clip=None,
         clip_range=None,
+        noise_first=False,
     ):
         super().__init__(num_steps=num_steps)
         self.step_size = _check_positive("step_size", step_size)
@@ -62,9 +80,18 @@ class SGLD(Sampler):
             "gradient_clip", gradient_clip, allow_zero=False, allow_none=True
         )
         self.clip_range = _check_range(clip_range)
+        if not isinstance(noise_first, (bool, np.bool_)):
+            raise ValueError(  # noqa: TRY004 (ValueError is the keras-jem API's error here)
+                "`noise_first` must be True (noise, then the gradient step at the noisy x: the "
+                "official IGEBM code) or False (gradient step, then noise: JEM). "
+                f"Received: noise_first={noise_first!r}"
+            )
+        self.noise_first = bool(noise_first)
 
     def step(self, energy_fn, x, seed):
         """One SGLD step under `energy_fn(x) -> (batch,)`; returns the new x."""
+        if self.noise_first:
+            x = self._add_noise(x, seed)
         # Only x is watched: the tape records nothing about the weights while sampling.
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(x)
@@ -73,10 +100,15 @@ class SGLD(Sampler):
         if self.gradient_clip is not None:
             gradient = tf.clip_by_value(gradient, -self.gradient_clip, self.gradient_clip)
         x = x - self.step_size * gradient
-        if self.noise_scale > 0:
-            x = x + self.noise_scale * tf.random.stateless_normal(tf.shape(x), seed, dtype=x.dtype)
+        if not self.noise_first:
+            x = self._add_noise(x, seed)
         if self.clip_range is not None:
             x = tf.clip_by_value(x, *self.clip_range)
+        return x
+
+    def _add_noise(self, x, seed):
+        if self.noise_scale > 0:
+            x = x + self.noise_scale * tf.random.stateless_normal(tf.shape(x), seed, dtype=x.dtype)
         return x
 
     def run(self, energy_fn, x, seed=None, num_steps=None):

@@ -115,8 +115,10 @@ def task(context):
     # Replay buffer.
     buffer_images = None
     buffer = getattr(model, "buffer", None)
-    if buffer is not None and getattr(buffer, "images", None) is not None:
-        buffer_images = _to_numpy(buffer.images)
+    if buffer is not None and hasattr(buffer, "stored_images"):
+        # Float images in the data range (a FIFO buffer's 8-bit samples decoded).
+        buffer_images = _to_numpy(buffer.stored_images())
+    if buffer_images is not None and len(buffer_images):
         results["replay_buffer"] = {"size": len(buffer_images)}
         if classify:
             buffer_probabilities = probabilities_of(buffer_images)
@@ -137,7 +139,9 @@ def task(context):
             figures["buffer"] = os.path.basename(metrics.save_image_grid(
                 buffer_images[:64], context.output("buffer.png")))
     else:
-        skipped["replay_buffer"] = "the model has no replay buffer"
+        skipped["replay_buffer"] = ("the model has no replay buffer" if buffer_images is None
+                                    else "the replay buffer holds no samples yet")
+        buffer_images = None
 
     # IS / FID.
     quality = _generation_quality(context, buffer_images, probabilities_of if classify else None,
