@@ -18,16 +18,11 @@ from keras_jem.sampling import FIFOReplayBuffer
 from keras_jem.sampling import ReplayBuffer
 from tests import testing
 
-
-def _seed(a, b=0):
-    return tf.constant([a, b], tf.int64)
+_seed = testing.stateless_seed
 
 
 def _buffer(image_shape=(1, 1, 1), **kwargs):
-    kwargs.setdefault("size", 100)
-    buffer = FIFOReplayBuffer(**kwargs)
-    buffer.build(image_shape)
-    return buffer
+    return testing.built_buffer(FIFOReplayBuffer, image_shape, **kwargs)
 
 
 def numpy_codes(x, low=-1.0, high=1.0):

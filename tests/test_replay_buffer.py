@@ -9,16 +9,11 @@ import tensorflow as tf
 from keras_jem.sampling import ReplayBuffer
 from tests import testing
 
-
-def _seed(a, b=0):
-    return tf.constant([a, b], tf.int64)
+_seed = testing.stateless_seed
 
 
 def _buffer(image_shape=(2, 2, 1), **kwargs):
-    kwargs.setdefault("size", 100)
-    buffer = ReplayBuffer(**kwargs)
-    buffer.build(image_shape)
-    return buffer
+    return testing.built_buffer(ReplayBuffer, image_shape, **kwargs)
 
 
 def _class_gaussians(num_classes=3, per_class=3000, seed=0):

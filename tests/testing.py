@@ -259,6 +259,19 @@ class RecordingSampler(keras_jem.sampling.Sampler):
         return self.sampler.get_config()
 
 
+def stateless_seed(a, b=0):
+    """A stateless seed `(2,)` int64, as the samplers and buffers take."""
+    return tf.constant([a, b], tf.int64)
+
+
+def built_buffer(cls, image_shape, **kwargs):
+    """`cls(size=100, **kwargs)` (a replay buffer class) built for `image_shape`."""
+    kwargs.setdefault("size", 100)
+    buffer = cls(**kwargs)
+    buffer.build(image_shape)
+    return buffer
+
+
 def set_buffer_images(model, images):
     """Overwrites every chain of `model`'s replay buffer with `images` `(buffer_size, h, w, c)`."""
     model.buffer.images.assign(np.asarray(images, np.float32))
