@@ -118,12 +118,13 @@ def test_presets_are_constructor_arguments():
     assert nested["sam"] == {"rho": 0.5, "adaptive": True}
     assert nested["sampler"] == {"name": "sgld", "num_steps": 3, "inner_steps": 5,
                                  "step_size": 1.0, "noise_scale": 0.0, "gradient_clip": 1.0,
-                                 "clip_range": (-1.0, 1.0)}
+                                 "clip_range": (-1.0, 1.0), "noise_first": False}
     # GMMC's and IGEBM's settings stay out of a SADA-JEM's arguments.
     assert "mode" not in nested["model"] and "filters" not in nested["backbone"]
     model = factory.build_model(config, num_classes=10)
     assert (model.sam.rho, model.sam.adaptive) == (0.5, True)
     assert (model.sampler.num_steps, model.sampler.clip_range) == (3, (-1.0, 1.0))
+    assert model.sampler.noise_first is False
     assert model.buffer_size == 2000 and model.energy_l2_weight == 0.1
     # On digits GroupNorm and half the restarts from noise (docs/batch_norm.md); CIFAR: the
     # papers' BatchNorm and informative restarts only.
