@@ -53,6 +53,8 @@ def run_cli(args, timeout=600):
          "`width` must be a positive integer"),
         (["--model", "igebm", "--sn_filters", "32,x"], "--sn_filters must be a positive width"),
         (["--model", "igebm", "--sn_pooling", "max"], "Unknown `pooling`: 'max'"),
+        (["--model", "jempp", "--noise_first"], "--noise_first applies to the SGLD sampler only"),
+        (["--model", "gmmc", "--noise_first"], "GMMC's latent-target sampler has no such"),
     ],
 )
 def test_bad_flags_stop_before_any_work(tmp_path, args, expected, capsys):

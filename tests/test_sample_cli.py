@@ -142,6 +142,31 @@ class SampleCLITest(testing.TestCase):
         self.assertEqual(code, 2)
         self.assertIn("holds 3 readable backup(s)", err)
 
+    def test_backups_of_a_run_older_than_its_flags(self):
+        """A config.json written before buffer_type / noise_first existed still restores."""
+        from keras_jem import checkpointing
+        from keras_jem import data
+        from trainers import fit
+        from trainers import presets
+
+        run_dir = tempfile.mkdtemp(prefix="igebm_old_")
+        self.addCleanup(shutil.rmtree, run_dir, True)
+        config = presets.resolve("igebm", "digits", {
+            "sn_filters": "8", "buffer_size": 100, "num_steps": 2,
+            "buffer_type": "persistent", "noise_first": False})  # what such a run had
+        model = fit.build(config, data.get_info("digits"), steps_per_epoch=1)
+        backup = checkpointing.StepBackup(os.path.join(run_dir, "backup"))
+        backup.global_step = 7
+        backup.save(model)
+        old = {k: v for k, v in config.items() if k not in ("buffer_type", "noise_first")}
+        models, steps = sample_cli.load_checkpoints(run_dir, old, 1)
+        self.assertEqual(steps, [7])
+        self.assertEqual(type(models[0].buffer).__name__, "ReplayBuffer")
+        self.assertFalse(models[0].sampler.noise_first)
+        x = self.test_images[:4]
+        np.testing.assert_allclose(testing.to_numpy(models[0].energy(x)),
+                                   testing.to_numpy(model.energy(x)), rtol=1e-6)
+
     def test_ensemble_of_model_files(self):
         path = os.path.join(self.model_dir, "model.keras")
         code, out, err = run_cli("--model_dir", self.model_dir, "--task", "ensemble",

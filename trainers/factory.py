@@ -35,6 +35,12 @@ def build_sampler(config):
 
     kwargs = presets.sections(config)["sampler"]
     name = kwargs.pop("name")
+    if kwargs.get("noise_first") and (config["model"] == "gmmc" or name == "proximal"):
+        used = "GMMC's latent-target sampler" if config["model"] == "gmmc" else "--sampler proximal"
+        raise ConfigError(
+            f"--noise_first applies to the SGLD sampler only; {used} has no such option. "
+            "Drop --noise_first, or use --sampler sgld."
+        )
     if config["model"] == "gmmc":
         cls = sampling.LatentTargetSampler
         keys = ("num_steps", "step_size", "latent_noise", "inject", "clip_range")

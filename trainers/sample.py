@@ -217,7 +217,12 @@ def load_checkpoints(model_dir, config, count):
     if not config.get("model"):
         raise SampleError(f"--checkpoints needs the run's settings: {model_dir}/config.json is "
                           "missing or has no 'model'.")
-    config = dict(config, strategy="default", buffer_init="uniform")  # same variables
+    from trainers import presets
+
+    # A run from before a flag existed ran with that flag's default (a new flag's default keeps
+    # the old behaviour), so an older config.json is completed with the defaults, not the presets.
+    config = {**presets.defaults(), **config, "strategy": "default",
+              "buffer_init": "uniform"}  # the same variables as the run, without its init
     info = data.get_info(config["dataset"])
     models = []
     for entry in reversed(entries[:count]):
