@@ -549,10 +549,12 @@ class GMMCLossTest(KnownAnswerCase):
 # === IGEBM: E(x) = (x K + c) v + b ===
 
 
-def _igebm_loss(e_pos, e_neg, l2, sign=1.0):
-    """IGEBM's loss and logged terms from the energies of the positives and the samples."""
-    loss_ml = sign * (tf.reduce_mean(e_pos) - tf.reduce_mean(e_neg))
-    loss_l2 = tf.reduce_mean(e_pos ** 2) + tf.reduce_mean(e_neg ** 2)
+def _igebm_loss(e_pos, e_neg, l2, sign=1.0, sample_weight=None):
+    """IGEBM's loss and logged terms from the energies of the positives and the samples
+    (`sample_weight` weighs the positives' terms)."""
+    weight = 1.0 if sample_weight is None else sample_weight
+    loss_ml = sign * (tf.reduce_mean(weight * e_pos) - tf.reduce_mean(e_neg))
+    loss_l2 = tf.reduce_mean(weight * e_pos ** 2) + tf.reduce_mean(e_neg ** 2)
     total = loss_ml + l2 * loss_l2
     return total, {"loss": total, "loss_ml": loss_ml, "loss_l2": loss_l2,
                    "energy_data": tf.reduce_mean(e_pos), "energy_samples": tf.reduce_mean(e_neg)}
@@ -577,7 +579,9 @@ class IGEBMLossTest(KnownAnswerCase):
         buffer = _images(rng, 8)
         _prepare(model, weights, buffer)
         x_ce, x_px = _images(rng, 4), _images(rng, 4) * 0.3 + 0.5
-        logs = model.train_on_batch({"images": x_ce, "px_images": x_px}, return_dict=True)
+        sample_weight = np.array([0.5, 2.0, 1.0, 0.25], np.float32)
+        logs = model.train_on_batch({"images": x_ce, "px_images": x_px},
+                                    sample_weight=sample_weight, return_dict=True)
 
         (call,) = model.sampler.calls
         self.assertTrue(set(_rows_of(call["start"])) <= set(_rows_of(buffer)))
@@ -586,18 +590,19 @@ class IGEBMLossTest(KnownAnswerCase):
         samples = np.clip(call["start"] - step * np.clip(gradient, -clip, clip), -1, 1)
         self.assertAllClose(call["samples"], samples, atol=1e-5)
 
-        def formula(positives=x_px, sign=1.0, l2=l2):
+        def formula(positives=x_px, sign=1.0, l2=l2, weight=sample_weight):
             def energy(w, x):
                 return tf.squeeze((_flat(x) @ w[(DIM, FEATURES)] + w[(FEATURES,)])
                                   @ w[(FEATURES, 1)], -1) + w[(1,)][0]
 
             def loss(w):
-                return _igebm_loss(energy(w, positives), energy(w, samples), l2, sign)
+                return _igebm_loss(energy(w, positives), energy(w, samples), l2, sign, weight)
 
             return loss
 
         expected = self.assertStep(model, logs, formula(), weights)
         self.assertSensitive(expected, {
+            "sample_weight ignored": _formula_update(formula(weight=None), weights),
             "positives from the CE images": _formula_update(formula(positives=x_ce), weights),
             "contrastive sign flipped": _formula_update(formula(sign=-1.0), weights),
             "energy_l2 dropped": _formula_update(formula(l2=0.0), weights),

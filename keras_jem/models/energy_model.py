@@ -23,6 +23,16 @@ Batch.__doc__ = """One training batch, as `train_step` hands it to a method's ho
 labels or None; `sample_weight` None or per-example weights."""
 
 
+def weighted(values, sample_weight):
+    """`values * sample_weight` per example (`values` unchanged when `sample_weight` is None).
+
+    The mean of the result is Keras' "sum_over_batch_size" reduction of a weighted loss.
+    """
+    if sample_weight is None:
+        return values
+    return values * tf.cast(tf.reshape(sample_weight, (-1,)), values.dtype)
+
+
 def batch_size(tensor):
     """The static batch size of `tensor` when known, else a scalar tensor."""
     return tensor.shape[0] if tensor.shape[0] is not None else tf.shape(tensor)[0]

@@ -10,6 +10,7 @@ from keras_jem import energies
 from keras_jem.models.energy_model import Batch
 from keras_jem.models.energy_model import EnergyModel
 from keras_jem.models.energy_model import batch_size
+from keras_jem.models.energy_model import weighted
 from keras_jem.sampling.latent_target import LatentTargetSampler
 
 MODES = ("discriminative", "generative", "joint")
@@ -319,10 +320,7 @@ class GMMC(EnergyModel):
         x, _, y, sample_weight = batch
         logits = self(x, training=True)
         energy_data = energies.class_energy(logits, y)  # 1/2 ||phi(x) - mu_y||^2
-        weighted = energy_data
-        if sample_weight is not None:
-            weighted = energy_data * tf.cast(tf.reshape(sample_weight, (-1,)), energy_data.dtype)
-        loss_mmc = tf.reduce_mean(weighted)
+        loss_mmc = tf.reduce_mean(weighted(energy_data, sample_weight))
         values = {"loss_mmc": loss_mmc, "energy_data": tf.reduce_mean(energy_data),
                   "logits": logits}
         total = loss_mmc

@@ -13,6 +13,7 @@ from keras_jem.backbones import layers as backbone_layers
 from keras_jem.models.energy_model import Batch
 from keras_jem.models.energy_model import EnergyModel
 from keras_jem.models.energy_model import batch_size
+from keras_jem.models.energy_model import weighted
 
 
 @keras.saving.register_keras_serializable(package="keras_jem")
@@ -263,10 +264,14 @@ class IGEBM(EnergyModel):
 
     def loss_passes(self, batch, samples):
         def contrastive_divergence():
+            # `sample_weight` weighs the positives (a weighted maximum likelihood); the
+            # negatives are the model's own samples and stay unweighted.
             energy_data = self.energy(batch.images, batch.labels, training=True)
             energy_samples = self.energy(samples["samples"], batch.labels, training=True)
-            loss_ml = tf.reduce_mean(energy_data) - tf.reduce_mean(energy_samples)
-            loss_l2 = tf.reduce_mean(tf.square(energy_data)) + tf.reduce_mean(
+            weight = batch.sample_weight
+            loss_ml = tf.reduce_mean(weighted(energy_data, weight)) - tf.reduce_mean(
+                energy_samples)
+            loss_l2 = tf.reduce_mean(weighted(tf.square(energy_data), weight)) + tf.reduce_mean(
                 tf.square(energy_samples)
             )
             return loss_ml + self.energy_l2_weight * loss_l2, {

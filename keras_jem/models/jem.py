@@ -10,6 +10,7 @@ from keras_jem.backbones.layers import TorchDense
 from keras_jem.models.energy_model import Batch
 from keras_jem.models.energy_model import EnergyModel
 from keras_jem.models.energy_model import batch_size
+from keras_jem.models.energy_model import weighted
 from keras_jem.sampling import noise
 
 CE_CLASSES = ("all", "batch")
@@ -195,9 +196,7 @@ class JEM(EnergyModel):
             if self.pyx_weight > 0:
                 ce = keras.losses.sparse_categorical_crossentropy(
                     y, self._ce_logits(logits, y), from_logits=True)
-                if sample_weight is not None:
-                    ce = ce * tf.cast(tf.reshape(sample_weight, (-1,)), ce.dtype)
-                values["loss_ce"] = tf.reduce_mean(ce)
+                values["loss_ce"] = tf.reduce_mean(weighted(ce, sample_weight))
                 loss += self.pyx_weight * values["loss_ce"]
             if same_stream:
                 energy_data = energies.logsumexp_energy(logits)
