@@ -324,6 +324,10 @@ def build_parser(prog="python -m tools.study", default_dataset=None):
                         help="training images the FID reference statistics come from")
     parser.add_argument("--skip_existing", action="store_true",
                         help="reuse trained models and evaluations found in output_dir")
+    parser.add_argument("--table_only", action="store_true",
+                        help="train nothing: the table of the runs already in output_dir (a "
+                             "model or seed not trained there is left out, and said so); "
+                             "implies --skip_existing")
     return parser
 
 
@@ -351,16 +355,22 @@ def main(argv=None, prog="python -m tools.study", default_dataset=None):
 
     # The FID feature network is the softmax run: train it first, also when not in the table.
     to_run = list(models) if FEATURE_MODEL in models else [FEATURE_MODEL, *models]
-    rows, failures, run_dirs = [], {}, {}
+    rows, failures, run_dirs, not_trained = [], {}, {}, []
+    skip_existing = args.skip_existing or args.table_only
     for model in to_run:
         for seed in seeds if model in SEEDED_MODELS else seeds[:1]:
             name = run_name(model, seed, seeds[0])
             run_dir = os.path.join(output_dir, name)
+            if args.table_only and not os.path.exists(os.path.join(run_dir, "model.keras")):
+                print(f"{prefix} {name}: not trained in {output_dir}, left out (--table_only)",
+                      flush=True)
+                not_trained.append(name)
+                continue
             print(f"{prefix} {name} ...", flush=True)
             try:
-                train(model, seed, run_dir, dataset, fit_args, args.skip_existing, log_dir)
+                train(model, seed, run_dir, dataset, fit_args, skip_existing, log_dir)
                 eval_seconds = evaluate(model, run_dir, ood_sets, args.eval_examples,
-                                        args.skip_existing, log_dir)
+                                        skip_existing, log_dir)
                 row = summarize(model, seed, run_dir, ood_sets, eval_seconds)
             except Exception as error:  # noqa: BLE001  (keep the rows of the runs that worked)
                 failures[name] = str(error)
@@ -397,8 +407,10 @@ def main(argv=None, prog="python -m tools.study", default_dataset=None):
         "",
         (f"AUROC cells: log p(x) / max p(y|x), test images positive, against each OOD set "
         f"({', '.join(ood_sets)}). log p(x) is logsumexp of the logits (GMMC: its -E(x)). "
-        f"JEM, JEM++ and SADA-JEM: mean over seeds {','.join(map(str, seeds))} (seeds.md)."),
+        "JEM, JEM++ and SADA-JEM: mean over the seeds of the seeds column (seeds.md)."),
     ]
+    if not_trained:
+        notes.append(f"Not trained (left out of this table): {', '.join(not_trained)}.")
     if fid:
         notes.append(
             f"{fid_name}: Fréchet distance of each model's replay buffer to "
@@ -417,6 +429,7 @@ def main(argv=None, prog="python -m tools.study", default_dataset=None):
     with open(os.path.join(output_dir, "table.json"), "w") as f:
         json.dump({"dataset": dataset, "ood_sets": list(ood_sets), "fid_name": fid_name,
                    "summaries": summaries, "rows": rows, "fid": fid, "failures": failures,
+                   "not_trained": not_trained,
                    "command": command}, f, indent=2)
     print(table)
     return 1 if failures else 0
