@@ -260,6 +260,26 @@ def test_train_resume_continues_from_saved_epoch_and_buffer(tmp_path):
     assert len(history) == 3  # header + one line per epoch, over both runs
 
 
+def test_resume_of_an_older_run_names_the_flags_it_had(tmp_path, capsys):
+    """An IGEBM run from before the FIFO buffer: its config.json lacks buffer_type and
+    noise_first, and resuming it with today's defaults names the flags that restore them."""
+    model_dir = str(tmp_path / "igebm")
+    old_run = ["--model", "igebm", "--model_dir", model_dir, *TINY, "--sn_filters", "8"]
+    config, _ = fit.resolve_config([*old_run, "--buffer_type", "persistent", "--no-noise_first"])
+    fit.run(config)
+    config_path = os.path.join(model_dir, "config.json")
+    saved = _read_json(config_path)
+    for name in ("buffer_type", "noise_first"):  # the flags that did not exist then
+        del saved[name]
+    with open(config_path, "w") as f:
+        json.dump(saved, f)
+    assert fit.main([*old_run, "--epochs", "2"]) == 2
+    error = capsys.readouterr().err
+    assert ("this command changes: --buffer_type persistent --no-noise_first (add them"
+            in error), error
+    assert _read_json(config_path) == saved, "the run's own settings must be kept"
+
+
 def test_divergence_is_rolled_back_then_reported(tmp_path, capsys):
     config, _ = fit.resolve_config([
         "--model", "jem", "--model_dir", str(tmp_path / "div"), *TINY,

@@ -214,6 +214,47 @@ def _callbacks(state, backup, guard):
     return callback_list + [factory_(config, model) for factory_ in EXTRA_CALLBACKS]
 
 
+#: The sections whose settings decide a model's (and its optimizer's) variables.
+_VARIABLE_SECTIONS = ("backbone", "model", "sampler", "sam", "optimizer")
+
+
+def _flag_text(name, value):
+    """`--name value` as typed on the command line (`--name` / `--no-name` for booleans)."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    return f"--{name} {value}"
+
+
+def _resume_flags(previous_config, config):
+    """The flags that bring `config` back to the settings of the run in `previous_config`.
+
+    A setting missing from an older `config.json` had its flag's default then (a new flag's
+    default keeps the old behaviour), e.g. an IGEBM run from before the FIFO buffer:
+    `--buffer_type persistent --no-noise_first`.
+    """
+    from trainers import presets
+    from trainers.flags import FLAGS
+
+    try:
+        previous = json.loads(previous_config)
+    except ValueError:
+        return []
+    defaults = presets.defaults()
+    flags = []
+    for name in ("model", "dataset", *FLAGS):
+        if name in FLAGS and FLAGS[name].section not in _VARIABLE_SECTIONS:
+            continue
+        old = previous.get(name, defaults.get(name))
+        new = config.get(name)
+        if isinstance(old, list) and isinstance(new, tuple):
+            new = list(new)
+        if old is not None and old != new:
+            flags.append(_flag_text(name, old))
+    return flags
+
+
 def _restore_or_start(state, backup):
     """Resumes from the run directory's backup, or saves step 0 (the first rollback target)."""
     from keras_jem import checkpointing
@@ -224,10 +265,16 @@ def _restore_or_start(state, backup):
         if state.previous_config is not None:  # keep the configuration of the existing run
             with open(state.config_path, "w") as f:
                 f.write(state.previous_config)
+        hint = ""
+        if state.previous_config is not None:
+            flags = _resume_flags(state.previous_config, state.config)
+            if flags:
+                hint = (f" The run's settings that this command changes: {' '.join(flags)} "
+                        "(add them to resume it).")
         raise ConfigError(
             f"{error} {state.model_dir} holds a run of another configuration (its settings are "
             f"in {state.config_path}): rerun with those settings to resume it, or use a new "
-            "--model_dir."
+            f"--model_dir.{hint}"
         ) from error
     if restored is None:
         backup.save(state.model)
