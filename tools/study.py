@@ -175,6 +175,8 @@ def buffer_images(model_path):
     """The replay buffer of a saved model as numpy images, or None if it has none."""
     import keras
 
+    import keras_jem  # noqa: F401  (registers keras-jem's classes with Keras' deserializer)
+
     model = keras.saving.load_model(model_path, compile=False)
     buffer = getattr(model, "buffer", None)
     if buffer is None or not hasattr(buffer, "stored_images"):
