@@ -25,10 +25,19 @@ class ScaledSquaredStep(keras.layers.Layer):
         return self.w * (gap + z_next[:, :1])
 
 
+class PullToHalf(keras.layers.Layer):
+    """E(z_t, u) = ||u - 0.5||^2: the chain's minimum is u = 0.5 whatever the state."""
+
+    def call(self, pair):
+        _, u = keras.ops.split(pair, 2, axis=-1)
+        return keras.ops.sum(keras.ops.square(u - 0.5), axis=-1, keepdims=True)
+
+
 def _quadratic_model(sampler, init_noise=0.0, energy_l2_weight=1.0):
     network = keras.Sequential([ScaledSquaredStep()])
     model = TransitionEBM(state_dim=2, energy_network=network, sampler=sampler,
-                          init_noise=init_noise, energy_l2_weight=energy_l2_weight, seed=3)
+                          init_noise=init_noise, prediction_init_noise=init_noise,
+                          energy_l2_weight=energy_l2_weight, parameterization="state", seed=3)
     model.adapt(np.array([[0.0, 10.0], [2.0, 14.0]], np.float32))  # mean (1, 12), std (1, 2)
     model.build()
     return model
@@ -67,15 +76,65 @@ class TransitionEBMTest(testing.TestCase):
         new_w = testing.to_numpy(model.energy_network.layers[0].w)
         self.assertAllClose(new_w, w - 0.1 * gradient, rtol=1e-5)
 
+    def test_step_statistics_are_robust(self):
+        # Feature 0 steps 1, 2, 3, 100: median 2.5, median |dev| 1.0 (the 100, a "bounce",
+        # does not inflate it; the standard deviation would be 42). Feature 1 always steps 5:
+        # no spread at all, so the scale falls back to 1.
+        s_t = np.zeros((4, 2), np.float32)
+        s_next = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0], [100.0, 5.0]], np.float32)
+        model = TransitionEBM(state_dim=2, energy_network=keras.Sequential([PullToHalf()]))
+        model.adapt(s_t, s_next)
+        self.assertAllClose(testing.to_numpy(model.step_center), [2.5, 5.0])
+        self.assertAllClose(testing.to_numpy(model.step_scale), [1.4826, 1.0], rtol=1e-5)
+        with self.assertRaisesRegex(ValueError, r"adapt\(states, next_states\)"):
+            model.adapt(s_t)
+
+    def test_step_prediction_is_state_plus_center_plus_scaled_minimum(self):
+        # Under E = ||u - 0.5||^2 the chain, started at u = 0, ends at u = 0.5: the prediction
+        # is s_t + center + 0.5 * scale = s_t + (2.5, 5) + (0.7413, 0.5), whatever s_t is.
+        s_t = np.zeros((4, 2), np.float32)
+        s_next = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0], [100.0, 5.0]], np.float32)
+        sampler = sampling.SGLD(num_steps=60, step_size=0.2, noise_scale=0.0)
+        model = TransitionEBM(state_dim=2, energy_network=keras.Sequential([PullToHalf()]),
+                              sampler=sampler, seed=3)
+        model.adapt(s_t, s_next)
+        states = np.array([[0.0, 0.0], [-3.0, 10.0]], np.float32)
+        predicted = testing.to_numpy(model.predict_next(states))
+        self.assertAllClose(predicted, states + np.array([2.5 + 0.7413, 5.5]), atol=1e-3)
+        # The chain's energy sees the step: E(s_t, s_t + center + 0.5 * scale) is the minimum 0.
+        energy = model.energy(predicted, y=states)
+        self.assertAllClose(testing.to_numpy(energy), [0.0, 0.0], atol=1e-5)
+        # A roll-out moves by the same step each time; a state range clips it.
+        paths = model.rollout(states[:1], num_steps=3)
+        self.assertAllClose(paths[0, 3], 3 * np.array([3.2413, 5.5]), atol=1e-3)
+        boxed = TransitionEBM(state_dim=2, energy_network=keras.Sequential([PullToHalf()]),
+                              sampler=sampler, state_range=([-np.inf, 0.0], [np.inf, 12.0]))
+        boxed.adapt(s_t, s_next)
+        paths = boxed.rollout(states, num_steps=3)
+        self.assertAllClose(paths[:, 1:, 1], [[5.5, 11.0, 12.0], [12.0, 12.0, 12.0]], atol=1e-3)
+
     def test_config_round_trip_and_errors(self):
-        model = TransitionEBM(state_dim=8, init_noise=0.2, seed=4)
+        fine = sampling.SGLD(num_steps=5, step_size=0.01, noise_scale=0.0)
+        model = TransitionEBM(state_dim=8, init_noise=0.2, prediction_sampler=[fine, fine],
+                              prediction_init_noise=0.3, state_range=(0.0, [1.0] * 8), seed=4)
         restored = TransitionEBM.from_config(model.get_config())
         self.assertEqual((restored.state_dim, restored.init_noise, restored.seed), (8, 0.2, 4))
         self.assertEqual(restored.sampler.get_config(), model.sampler.get_config())
+        self.assertEqual([s.get_config() for s in restored.prediction_sampler],
+                         [fine.get_config()] * 2)
+        self.assertEqual((restored.parameterization, restored.prediction_init_noise),
+                         ("step", 0.3))
+        self.assertAllClose(restored.state_range[1], np.ones(8))
         with self.assertRaisesRegex(ValueError, "needs the current state"):
             model.energy(np.zeros((1, 8), np.float32))
         with self.assertRaisesRegex(ValueError, "state_dim"):
             TransitionEBM(state_dim=0)
+        with self.assertRaisesRegex(ValueError, "parameterization"):
+            TransitionEBM(state_dim=2, parameterization="delta")
+        with self.assertRaisesRegex(ValueError, "low <= high"):
+            TransitionEBM(state_dim=2, state_range=(1.0, 0.0))
+        with self.assertRaisesRegex(ValueError, "a pair"):
+            TransitionEBM(state_dim=2, state_range=(0.0, [1.0, 1.0, 1.0]))
 
 
 def test_cli_tiny_run_and_bad_flag(tmp_path):
@@ -89,7 +148,7 @@ def test_cli_tiny_run_and_bad_flag(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "trainers.trajectories", "--model_dir", str(out),
          "--num_trajectories", "40", "--train_steps", "5", "--epochs", "1", "--num_eval", "30",
-         "--horizons", "1,4", "--langevin_steps", "2", "--hidden_units", "16"],
+         "--horizons", "1,4", "--langevin_steps", "2", "--hidden_units", "16", "--clip_to_box"],
         check=False, capture_output=True, text=True, env=env, cwd=testing.REPO,
         timeout=300,
     )
@@ -98,4 +157,5 @@ def test_cli_tiny_run_and_bad_flag(tmp_path):
     for name in ("energy_model", "regression"):
         assert set(report["frechet"][name]) == {"1", "4"}
         assert all(np.isfinite(v) and v >= 0 for v in report["frechet"][name].values())
+    assert report["fraction_in_box"]["energy_model"] == 1.0  # --clip_to_box
     assert (out / "rollout.png").stat().st_size > 1000

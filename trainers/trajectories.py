@@ -48,6 +48,20 @@ def build_parser():
     add("--learning_rate", type=float, default=1e-3, help="Adam learning rate of both models")
     add("--hidden_units", type=int, default=256, help="width of both models' two hidden layers")
     add("--langevin_steps", type=int, default=20, help="Langevin steps per predicted state")
+    add("--step_size", type=float, default=0.2, help="Langevin step size (chain units)")
+    add("--langevin_noise", type=float, default=0.01,
+        help="Langevin noise per step of the training chains (chain units)")
+    add("--prediction_noise", type=float, default=0.0,
+        help="Langevin noise per step of the roll-out chains (0: noise-free descent to the "
+             "energy's minimum)")
+    add("--init_noise", type=float, default=1.0,
+        help="spread of the training chains' start (chain units; roll-out chains start "
+             "without noise)")
+    add("--parameterization", choices=("step", "state"), default="step",
+        help="the chain's coordinates: the robustly standardised change of state or the "
+             "standardised next state (see TransitionEBM)")
+    add("--clip_to_box", action=argparse.BooleanOptionalAction, default=False,
+        help="clip predicted positions to the box (the in-box share is then 100%% by design)")
     add("--seed", type=int, default=1, help="seed of the data, the models and the roll-outs")
     return parser
 
@@ -58,6 +72,9 @@ def validate(args):
                  "batch_size", "hidden_units"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1 (received {getattr(args, name)})")
+    for name in ("step_size", "langevin_noise", "prediction_noise", "init_noise"):
+        if getattr(args, name) < 0:
+            problems.append(f"--{name} must be >= 0 (received {getattr(args, name)})")
     if args.langevin_steps < 0:
         problems.append(f"--langevin_steps must be >= 0 (received {args.langevin_steps})")
     if not args.learning_rate > 0:
@@ -135,14 +152,21 @@ def run(args):
     print(f"[trajectories] {len(s_t)} transitions of {system.state_dim}-d states", flush=True)
     results = {"config": vars(args), "system": system.get_config()}
 
+    def sgld(noise_scale):
+        return SGLD(num_steps=args.langevin_steps, step_size=args.step_size,
+                    noise_scale=noise_scale, gradient_clip=1.0)
+
     ebm = TransitionEBM(
         state_dim=system.state_dim,
         energy_network=default_energy_network((args.hidden_units,) * 2),
-        sampler=SGLD(num_steps=args.langevin_steps, step_size=0.05, noise_scale=0.01,
-                     gradient_clip=1.0),
+        sampler=sgld(args.langevin_noise),
+        prediction_sampler=sgld(args.prediction_noise),
+        init_noise=args.init_noise,
+        parameterization=args.parameterization,
+        state_range=system.state_range() if args.clip_to_box else None,
         seed=args.seed,
     )
-    ebm.adapt(s_t)
+    ebm.adapt(s_t, s_next)
     ebm.compile(optimizer=keras.optimizers.Adam(args.learning_rate))
     start = time.time()
     ebm.fit(s_t, s_next, batch_size=args.batch_size, epochs=args.epochs, verbose=2)

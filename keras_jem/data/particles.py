@@ -79,6 +79,12 @@ class BouncingParticles:
             "max_speed": self.max_speed,
         }
 
+    def state_range(self):
+        """`(low, high)` per state feature: centres in `[radius, 1 - radius]`, any velocity."""
+        low = np.tile([self.radius, self.radius, -np.inf, -np.inf], self.num_particles)
+        high = np.tile([1 - self.radius, 1 - self.radius, np.inf, np.inf], self.num_particles)
+        return low, high
+
     def initial_states(self, num, rng):
         """`num` random states: positions uniform in the box, speeds in `[0.2, max_speed]`."""
         low, high = self.radius, 1.0 - self.radius
