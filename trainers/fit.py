@@ -214,7 +214,8 @@ def _callbacks(state, backup, guard):
     return callback_list + [factory_(config, model) for factory_ in EXTRA_CALLBACKS]
 
 
-#: The sections whose settings decide a model's (and its optimizer's) variables.
+#: The sections that describe the model and how it trains (not the run or the data); a resume hint
+#: lists their differences.
 _VARIABLE_SECTIONS = ("backbone", "model", "sampler", "sam", "optimizer")
 
 
