@@ -55,6 +55,7 @@ def run_cli(args, timeout=600):
         (["--model", "igebm", "--sn_pooling", "max"], "Unknown `pooling`: 'max'"),
         (["--model", "jempp", "--noise_first"], "--noise_first applies to the SGLD sampler only"),
         (["--model", "gmmc", "--noise_first"], "GMMC's latent-target sampler has no such"),
+        (["--keep_backups", "0"], "--keep_backups must be positive. Received: 0"),
     ],
 )
 def test_bad_flags_stop_before_any_work(tmp_path, args, expected, capsys):

@@ -69,7 +69,8 @@ def run_name(model, seed, first_seed):
     return model if seed == first_seed else f"{model}-seed{seed}"
 
 
-def _run(command, log_path):
+def run_logged(command, log_path):
+    """Runs `command` with its output in `log_path`; returns its wall time in seconds."""
     start = time.time()
     with open(log_path, "w") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, text=True,
@@ -87,9 +88,9 @@ def train(model, seed, run_dir, dataset, fit_args, skip_existing, log_dir):
         shutil.rmtree(run_dir)
     os.makedirs(run_dir)
     flags = MODELS[model] or ["--model", model]
-    _run([sys.executable, "-m", "trainers.fit", *flags, "--dataset", dataset, "--seed", str(seed),
-          "--model_dir", run_dir, "--verbose", "2", *fit_args],
-         os.path.join(log_dir, f"{os.path.basename(run_dir)}.fit.log"))
+    run_logged([sys.executable, "-m", "trainers.fit", *flags, "--dataset", dataset,
+                "--seed", str(seed), "--model_dir", run_dir, "--verbose", "2", *fit_args],
+               os.path.join(log_dir, f"{os.path.basename(run_dir)}.fit.log"))
 
 
 def evaluate(model, run_dir, ood_sets, eval_examples, skip_existing, log_dir):
@@ -109,7 +110,7 @@ def evaluate(model, run_dir, ood_sets, eval_examples, skip_existing, log_dir):
                "--ood_scores", scores]
     if eval_examples:
         command += ["--num_examples", str(eval_examples), "--ood_examples", str(eval_examples)]
-    seconds = _run(command, os.path.join(log_dir, f"{os.path.basename(run_dir)}.eval.log"))
+    seconds = run_logged(command, os.path.join(log_dir, f"{os.path.basename(run_dir)}.eval.log"))
     with open(timing_path, "w") as f:
         json.dump({"seconds": seconds}, f)
     return seconds

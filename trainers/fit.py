@@ -302,7 +302,7 @@ def train(state):
     # continues where its last backup left off when the same command runs again.
     backup = checkpointing.StepBackup(os.path.join(state.model_dir, "backup"),
                                       save_freq=save_freq, steps_per_epoch=state.steps,
-                                      worker_index=0)
+                                      keep=config["keep_backups"], worker_index=0)
     history = {}
     start = time.time()
     with state.strategy.scope():

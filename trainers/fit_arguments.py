@@ -131,7 +131,7 @@ def validate(config):
                 "max_rollbacks", "sample_every"):
         if config[key] is not None and config[key] < 0:
             fail(f"--{key} must be non-negative. Received: {config[key]}")
-    for key in ("steps_per_epoch", "px_batch_size"):
+    for key in ("steps_per_epoch", "px_batch_size", "keep_backups"):
         if config[key] is not None and config[key] <= 0:
             fail(f"--{key} must be positive. Received: {config[key]}")
     px_batch = config["px_batch_size"] or config["batch_size"]

@@ -25,6 +25,9 @@ FLAGS = {
         None),
     "save_freq": Flag("run", "save_freq", str,
                       "backup frequency: 'epoch' or a number of steps", None),
+    "keep_backups": Flag("run", "keep_backups", int, (
+        "backups kept in MODEL_DIR/backup, the newest N (with --save_freq epoch: the last N "
+        "epochs, e.g. for trainers.sample --task ensemble --checkpoints N)"), None),
     "mixed_precision": Flag("run", "mixed_precision", str, (
         "compute dtype policy: none (float32), mixed_bfloat16 (CPUs with AVX512-BF16, TPUs) or "
         "mixed_float16 (GPUs); variables, energies, sampler chains and the buffer stay float32"),

@@ -54,7 +54,8 @@ from trainers.flags import SECTIONS
 # deliberately differs from one: Keras' Adam starts at 1e-3, the papers' JEM at 1e-4).
 COMMON = {
     "run": {"model_dir": "runs/jem", "epochs": 20, "steps_per_epoch": None, "seed": 1,
-            "jit_compile": "auto", "save_freq": "epoch", "mixed_precision": "none",
+            "jit_compile": "auto", "save_freq": "epoch", "keep_backups": 2,
+            "mixed_precision": "none",
             "strategy": "default", "num_devices": None, "tpu": None, "sample_every": 1,
             "max_rollbacks": 3, "verbose": "auto",
             "reestimate_batch_norm": False},

@@ -28,7 +28,8 @@ Reads `MODEL_DIR/model.keras` and `MODEL_DIR/config.json` (written by `trainers.
   and with the same sampler budget (class-conditional with `--labels`: `--num_samples` per
   label). The models are the `--checkpoints N` newest backups of `trainers.fit` in
   `MODEL_DIR/backup` (restored into the model `MODEL_DIR/config.json` describes; `trainers.fit`
-  keeps the 2 newest, written every `--save_freq`), or the `.keras` files of `--model_files`
+  keeps the `--keep_backups` newest, default 2, written every `--save_freq`), or the `.keras`
+  files of `--model_files`
   (e.g. models saved at several epochs with `keras.callbacks.ModelCheckpoint("ep{epoch}.keras")`).
 
 `--sampler mala` (uncond/cond) runs long chains of the Metropolis-adjusted Langevin algorithm
@@ -78,7 +79,8 @@ def build_parser():
     add("--output", default=None, help="PNG path (default MODEL_DIR/samples_<task>.png)")
     add("--checkpoint", default=None, help="a .keras file to use instead of MODEL_DIR/model.keras")
     add("--checkpoints", type=int, default=None,
-        help="ensemble: the N newest backups in MODEL_DIR/backup (trainers.fit keeps 2)")
+        help="ensemble: the N newest backups in MODEL_DIR/backup (trainers.fit keeps "
+             "--keep_backups, default 2)")
     add("--model_files", default=None,
         help="ensemble: comma-separated .keras files (instead of --checkpoints)")
     add("--seed", type=int, default=0)
@@ -212,8 +214,8 @@ def load_checkpoints(model_dir, config, count):
     if len(entries) < count:
         raise SampleError(
             f"--checkpoints {count}: {backup.backup_dir} holds {len(entries)} readable backup(s) "
-            "(trainers.fit keeps the 2 newest). Use fewer, or save models at several epochs and "
-            "pass them with --model_files.")
+            "(trainers.fit keeps the --keep_backups newest, default 2). Use fewer, train with "
+            f"`trainers.fit --keep_backups {count}`, or pass saved models with --model_files.")
     if not config.get("model"):
         raise SampleError(f"--checkpoints needs the run's settings: {model_dir}/config.json is "
                           "missing or has no 'model'.")
