@@ -97,15 +97,15 @@ def test_bad_flags_stop_before_any_work(tmp_path, capsys):
 
 def test_table_only_trains_nothing_and_names_what_is_missing(tmp_path, monkeypatch, capsys):
     aurocs = {s: (0.7, 0.6) for s in FASHION_OOD}
-    for name, accuracy in (("softmax", 0.80), ("jem", 0.70), ("sadajem", 0.72),
-                           ("sadajem-seed2", 0.76)):
+    for name, accuracy in (("softmax", 0.80), ("softmax-seed2", 0.84), ("jem", 0.70),
+                           ("sadajem", 0.72), ("sadajem-seed2", 0.76)):
         run_dir = _fake_run(tmp_path, name, accuracy, 0.05, aurocs)
         open(os.path.join(run_dir, "model.keras"), "w").close()
 
     def no_work(*args, **kwargs):
         raise AssertionError("--table_only must not train or evaluate")
 
-    monkeypatch.setattr(study, "_run", no_work)
+    monkeypatch.setattr(study, "run_logged", no_work)
     monkeypatch.setattr(study, "fid_scores", lambda *args, **kwargs: None)
     code = study.main(["--dataset", "fashion_mnist", "--models", "softmax,jem,sadajem",
                        "--seeds", "1,2", "--table_only", "--output_dir", str(tmp_path)])
@@ -113,10 +113,13 @@ def test_table_only_trains_nothing_and_names_what_is_missing(tmp_path, monkeypat
     report = json.loads((tmp_path / "table.json").read_text())
     assert report["not_trained"] == ["jem-seed2"]
     assert [(r["model"], r["seed"]) for r in report["rows"]] == [
-        ("softmax", 1), ("jem", 1), ("sadajem", 1), ("sadajem", 2)]
+        ("softmax", 1), ("softmax", 2), ("jem", 1), ("sadajem", 1), ("sadajem", 2)]
     table = (tmp_path / "table.md").read_text()
     assert "| JEM | 1 | 70.00%" in table and "| SADA-JEM | 1,2 | 74.00% ± 2.00" in table
     assert "Not trained (left out of this table): jem-seed2." in table
+    # The softmax is seeded too, and the deltas are against its mean (82%).
+    assert "| softmax | 1,2 | 82.00% ± 2.00 | +0.00 |" in table
+    assert "| JEM | 1 | 70.00% | -12.00 |" in table
     assert "jem-seed2: not trained" in capsys.readouterr().out
 
 
@@ -134,7 +137,7 @@ def test_tiny_study_end_to_end(tmp_path):
     report = json.loads((output_dir / "table.json").read_text())
     assert report["dataset"] == "digits" and not report["failures"]
     assert [(r["model"], r["seed"]) for r in report["rows"]] == [
-        ("softmax", 1), ("jem", 1), ("jem", 2)]
+        ("softmax", 1), ("softmax", 2), ("jem", 1), ("jem", 2)]
     for row in report["rows"]:
         assert 0 <= row["test_accuracy"] <= 1 and row["train_seconds"] > 0
         assert set(study.OOD_LABELS) >= {k.split("_", 3)[-1] for k in row if "auroc" in k}

@@ -19,8 +19,8 @@ the models of one study, not with Inception FIDs in papers. Each model's replay 
 with the classifier features of `--fid_reference_examples` training images; the row "real test
 images" gives the floor (held-out real images against the same reference).
 
-`--seeds 1,2,3` trains JEM, JEM++ and SADA-JEM once per seed (the other models once, with the
-first seed); the main table shows their mean, `seeds.md` every seed. Outputs in `--output_dir`:
+`--seeds 1,2,3` trains the softmax, JEM, JEM++ and SADA-JEM once per seed (the other models once,
+with the first seed); the main table shows their mean, `seeds.md` every seed. Outputs in `--output_dir`:
 `table.md`, `table.json`, `seeds.md`, and one run directory per model and seed (`jem`,
 `jem-seed2`, ...) with the sample grids (`samples/`), reliability diagrams and OOD histograms
 (`eval/`) the table refers to.
@@ -57,7 +57,7 @@ DATASETS = {
         "fid_name": "FID (FMNIST-CNN)",
     },
 }
-SEEDED_MODELS = ("jem", "jempp", "sadajem")
+SEEDED_MODELS = ("softmax", "jem", "jempp", "sadajem")
 GENERATION_ONLY = ("igebm",)
 FEATURE_MODEL = "softmax"
 OOD_LABELS = {"uniform_noise": "noise", "vertical_flip": "v-flip", "mnist_like_digits": "digits",
@@ -316,8 +316,8 @@ def build_parser(prog="python -m tools.study", default_dataset=None):
                              + " (default: the dataset's list; fashion_mnist: "
                              + ",".join(DATASETS["fashion_mnist"]["models"]) + ")")
     parser.add_argument("--seeds", default="1",
-                        help="seeds of JEM, JEM++ and SADA-JEM, e.g. 1,2,3 (the other models "
-                             "use the first)")
+                        help="seeds of the softmax, JEM, JEM++ and SADA-JEM, e.g. 1,2,3 (the "
+                             "other models use the first)")
     parser.add_argument("--fit_args", default="",
                         help="extra trainers.fit flags for every model, e.g. '--epochs 1 "
                              "--steps_per_epoch 5'")
@@ -410,7 +410,8 @@ def main(argv=None, prog="python -m tools.study", default_dataset=None):
         "",
         (f"AUROC cells: log p(x) / max p(y|x), test images positive, against each OOD set "
         f"({', '.join(ood_sets)}). log p(x) is logsumexp of the logits (GMMC: its -E(x)). "
-        "JEM, JEM++ and SADA-JEM: mean over the seeds of the seeds column (seeds.md)."),
+        "Softmax, JEM, JEM++ and SADA-JEM: mean over the seeds of the seeds column (seeds.md); "
+        "Δ vs softmax against the softmax's mean."),
     ]
     if not_trained:
         notes.append(f"Not trained (left out of this table): {', '.join(not_trained)}.")
