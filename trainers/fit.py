@@ -242,12 +242,12 @@ def _resume_flags(previous_config, config):
         previous = json.loads(previous_config)
     except ValueError:
         return []
-    defaults = presets.defaults()
+    previous = presets.complete(previous)
     flags = []
     for name in ("model", "dataset", *FLAGS):
         if name in FLAGS and FLAGS[name].section not in _VARIABLE_SECTIONS:
             continue
-        old = previous.get(name, defaults.get(name))
+        old = previous.get(name)
         new = config.get(name)
         if isinstance(old, list) and isinstance(new, tuple):
             new = list(new)

@@ -332,6 +332,16 @@ def defaults():
     return {name: values[name] for name in FLAGS}
 
 
+def complete(config):
+    """`config` (e.g. an older run's `config.json`) with every flag it lacks at its default.
+
+    A flag added after a run was made has the default that keeps the old behaviour, so a
+    setting missing from an older `config.json` is the one that run had; the presets are not
+    used here (they may have changed since).
+    """
+    return {**defaults(), **config}
+
+
 def _flatten(preset):
     """A nested preset (or an older flat one, keyed by flag) as flag values."""
     flat = {}

@@ -221,9 +221,7 @@ def load_checkpoints(model_dir, config, count):
                           "missing or has no 'model'.")
     from trainers import presets
 
-    # A run from before a flag existed ran with that flag's default (a new flag's default keeps
-    # the old behaviour), so an older config.json is completed with the defaults, not the presets.
-    config = {**presets.defaults(), **config, "strategy": "default",
+    config = {**presets.complete(config), "strategy": "default",
               "buffer_init": "uniform"}  # the same variables as the run, without its init
     info = data.get_info(config["dataset"])
     models = []
