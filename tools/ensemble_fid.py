@@ -116,8 +116,7 @@ def measure(args, igebm_dir, classifier_path):
     mu, sigma = metrics.activation_statistics(features(test_images))
 
     def fid(images):
-        mu_x, sigma_x = metrics.activation_statistics(features(images))
-        return float(metrics.frechet_distance(mu_x, sigma_x, mu, sigma))
+        return study.fid_to(features(images), mu, sigma)
 
     labels = np.repeat(np.arange(info.num_classes), args.per_class).astype(np.int32)
     train_images, _ = data.load(args.dataset, "train", num_examples=len(labels))

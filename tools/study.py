@@ -205,7 +205,7 @@ def fid_scores(dataset, feature_path, run_dirs, reference_examples, eval_example
         "feature_network": os.path.relpath(feature_path, os.path.dirname(
             os.path.dirname(feature_path))),
         "reference": f"{len(train_images)} {dataset} training images",
-        "real_test": _fid(metrics, features(test_images), mu, sigma),
+        "real_test": fid_to(features(test_images), mu, sigma),
         "real_test_images": len(test_images),
         "runs": {},
     }
@@ -214,11 +214,14 @@ def fid_scores(dataset, feature_path, run_dirs, reference_examples, eval_example
         if images is None:
             result["runs"][name] = "no replay buffer"
             continue
-        result["runs"][name] = _fid(metrics, features(images), mu, sigma)
+        result["runs"][name] = fid_to(features(images), mu, sigma)
     return result
 
 
-def _fid(metrics, activations, mu, sigma):
+def fid_to(activations, mu, sigma):
+    """FID of `activations` against reference statistics `(mu, sigma)`."""
+    from keras_jem import metrics
+
     mu_x, sigma_x = metrics.activation_statistics(activations)
     return float(metrics.frechet_distance(mu_x, sigma_x, mu, sigma))
 
