@@ -77,6 +77,9 @@ def build_parser():
     add("--tensor_content_outputs", action="store_true",
         help="answer Predict outputs as raw tensor_content bytes instead of TF Serving's typed "
         "fields (float_val, int64_val, ...)")
+    add("--reuse_port", action="store_true",
+        help="set SO_REUSEPORT so that several server processes can share --port and "
+        "--rest_port (the kernel spreads connections over them)")
     add("--ssl_cert_file", help="PEM certificate (chain): serve gRPC and REST over TLS")
     add("--ssl_key_file", help="PEM private key of --ssl_cert_file")
     add("--ssl_client_ca_file", help="PEM CA bundle: require client certificates signed by it")
@@ -166,6 +169,7 @@ def main(argv=None):
             max_num_load_retries=args.max_num_load_retries,
             load_retry_interval_seconds=args.load_retry_interval_seconds,
             unload_after_missed_polls=args.unload_after_missed_polls,
+            reuse_port=args.reuse_port,
             **batching,
         )
     except (ValueError, OSError, text_format.ParseError) as e:

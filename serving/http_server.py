@@ -84,12 +84,15 @@ class RestServer(http.server.ThreadingHTTPServer):
         max_connections: connections served at once.
         timeout: seconds of socket inactivity before a connection is dropped.
         ssl_context: optional `ssl.SSLContext` (server side) for HTTPS.
+        reuse_port: set SO_REUSEPORT, so that several processes can listen on the port.
     """
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address, handler, max_connections=64, timeout=30.0, ssl_context=None):
+    def __init__(self, address, handler, max_connections=64, timeout=30.0, ssl_context=None,
+                 reuse_port=False):
+        self.reuse_port = bool(reuse_port)
         super().__init__(address, handler)
         self.max_connections = int(max_connections)
         self.connection_timeout = float(timeout)
@@ -99,6 +102,11 @@ class RestServer(http.server.ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(self.max_connections)
         self._active = 0
         self._idle = threading.Condition()
+
+    def server_bind(self):
+        if self.reuse_port:  # socketserver's own `allow_reuse_port` needs Python >= 3.11
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def in_flight(self):
         server = self

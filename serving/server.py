@@ -164,6 +164,10 @@ class ModelServer:
             load, the first after this many seconds, doubling.
         unload_after_missed_polls: consecutive polls that cannot list a base path before its
             versions are unloaded.
+        reuse_port: set SO_REUSEPORT on the gRPC and REST sockets, so that several server
+            processes can listen on the same ports and the kernel spreads connections over them
+            (one process per core without the GIL in common). Off by default: a port already
+            in use is then an error, not a silent second server.
 
     Example:
 
@@ -207,6 +211,7 @@ class ModelServer:
         max_num_load_retries=5,
         load_retry_interval_seconds=2.0,
         unload_after_missed_polls=3,
+        reuse_port=False,
     ):
         if model_config_file:
             configs, base = read_model_config_file(model_config_file), None
@@ -271,6 +276,7 @@ class ModelServer:
         self.max_concurrent_streams = int(max_concurrent_streams)
         self.rest_max_connections = int(rest_max_connections)
         self.rest_timeout_seconds = float(rest_timeout_seconds)
+        self.reuse_port = bool(reuse_port)
         self.health = None
         self._loop = None
         self._grpc_server = None
@@ -303,6 +309,7 @@ class ModelServer:
                 (self.host, self.rest_port), make_handler(api, self.max_message_bytes),
                 max_connections=self.rest_max_connections, timeout=self.rest_timeout_seconds,
                 ssl_context=_ssl_context(*self.tls) if self.tls else None,
+                reuse_port=self.reuse_port,
             )
             self.rest_port = self._http_server.server_address[1]
             thread = threading.Thread(
@@ -323,7 +330,7 @@ class ModelServer:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_concurrent_streams", self.max_concurrent_streams),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(self.reuse_port)),
         ]
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=self.max_concurrent_rpcs)
         add_services(server, self.core)

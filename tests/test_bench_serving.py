@@ -17,10 +17,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRPC_LOAD = bench_serving.GRPC_LOAD
 
 
-def _row(mode, batch, clients, img_per_s, p50_ms, img_per_cpu_s=None):
+def _row(mode, batch, clients, img_per_s, p50_ms, img_per_cpu_s=None, client_ms=0.2):
     return {"mode": mode, "batch": batch, "clients": clients, "req_per_s": img_per_s / batch,
             "img_per_s": img_per_s, "p50_ms": p50_ms, "p99_ms": 2 * p50_ms,
-            "img_per_cpu_s": img_per_cpu_s, "client_ms_per_req": 0.2}
+            "img_per_cpu_s": img_per_cpu_s, "client_ms_per_req": client_ms}
 
 
 @contextlib.contextmanager
@@ -58,6 +58,26 @@ def test_summary_ratios():
     assert any("2.50x (target >= 3x)" in line for line in lines)
     table = bench_serving.format_table(rows)
     assert table.count("\n") == len(rows) + 1 and "| gRPC floor | 1 | 32 |" in table
+
+
+def test_summary_against_the_in_process_ceiling():
+    rows = [
+        _row("in-process", 1, 1, 400.0, 2.5, 250.0),
+        _row("in-process", 32, 1, 800.0, 40.0, 400.0),
+        _row("server", 1, 32, 300.0, 100.0, 200.0),
+        _row("server+batching", 1, 32, 480.0, 60.0, 300.0, client_ms=0.5),
+        _row("gRPC floor", 1, 32, 4000.0, 8.0, 2000.0),
+    ]
+    summary, lines = bench_serving.summarize_targets(rows, num_cores=2)
+    # By hand: the ceiling is 800 / 400 = 2x; the gain 480 / 300 = 1.6x, 80% of it; 85% of
+    # the ceiling needs 0.85 * 2 * 300 = 510 img/s; per image 1/400 + 1/2000 + 0.5/1000 s of
+    # CPU = 3.5 ms, so two cores allow 2 / 0.0035 = 571 img/s.
+    assert summary["batching_ceiling"] == pytest.approx(2.0)
+    assert summary["batching_of_ceiling"] == pytest.approx(0.8)
+    assert summary["issue15_needed_img_per_s"] == pytest.approx(510.0)
+    assert summary["cpu_bound_img_per_s"] == pytest.approx(2 / 0.0035)
+    assert any("80% (issue 15: >= 85%, i.e. 510 img/s" in line for line in lines)
+    assert any("at most 571 img/s batched on 2 cores" in line for line in lines)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -104,11 +124,13 @@ def test_load_generator_reports_failed_calls_and_unreachable_servers(tmp_path):
 
 
 def test_tiny_benchmark_run_checks_answers_and_writes_json(tmp_path):
+    # Two server processes per mode sharing a port (--reuse_port): the multi-process path, of
+    # which one process is the special case.
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "bench_serving.py"), "--model", "digits",
          "--seconds", "0.4", "--rounds", "1", "--batch_sizes", "1", "--clients", "1,2",
-         "--json", str(out)],
+         "--processes", "2", "--json", str(out)],
         capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -118,5 +140,7 @@ def test_tiny_benchmark_run_checks_answers_and_writes_json(tmp_path):
                      ("gRPC floor", 2)}
     for row in data["rows"]:
         assert row["requests"] > 0 and row["num_errors"] == 0, row
+        assert row["img_per_cpu_s"] is not None, row  # every server process's CPU was read
+    assert data["args"]["processes"] == 2
     assert "batching_gain" in data["summary"] and "floor_over_unbatched" in data["summary"]
     assert "batching gain, 2 clients at batch 1" in run.stdout

@@ -34,6 +34,7 @@ def run(tmp_path_factory):
     return output_dir, result
 
 
+@pytest.mark.large  # two trainers.fit runs: 97 s on 2 idle cores
 def test_the_members_are_the_last_epochs_kept_by_keep_backups(run):
     output_dir, result = run
     # 4 epochs of 2 steps, --keep_backups 3 with --save_freq epoch: the backups of epochs 2-4.
@@ -42,6 +43,7 @@ def test_the_members_are_the_last_epochs_kept_by_keep_backups(run):
         assert json.load(f)["keep_backups"] == 3
 
 
+@pytest.mark.large  # two trainers.fit runs: 97 s on 2 idle cores
 def test_fids_match_a_scipy_frechet_distance_of_the_saved_samples(run):
     output_dir, result = run
     from keras_jem import data

@@ -411,6 +411,32 @@ def test_defaults_bind_loopback():
     assert inspect.signature(server_lib.ModelServer).parameters["host"].default == "127.0.0.1"
 
 
+def test_reuse_port_lets_two_servers_share_the_ports(models_dir, model):
+    images = random_images(2, seed=3)
+    first = server_lib.ModelServer(str(models_dir), port=0, rest_port=0, poll_seconds=0,
+                                   reuse_port=True).start()
+    try:
+        # Without SO_REUSEPORT on both sides a second server cannot bind the same ports.
+        with pytest.raises(OSError):
+            server_lib.ModelServer(str(models_dir), port=first.port, poll_seconds=0).start()
+        second = server_lib.ModelServer(str(models_dir), port=first.port,
+                                        rest_port=first.rest_port, poll_seconds=0,
+                                        reuse_port=True).start()
+        try:
+            assert (second.port, second.rest_port) == (first.port, first.rest_port)
+            first.stop(grace=1)  # the shared ports keep answering, through the second server
+            status, body = _rest_predict(second.rest_port, images)
+            assert status == 200 and len(body["predictions"]) == 2
+            stubs = Stubs(second.port)
+            assert_logits(stubs.prediction.Predict(predict_request(images), timeout=30), model,
+                          images)
+            stubs.channel.close()
+        finally:
+            second.stop(grace=1)
+    finally:
+        first.stop(grace=1)
+
+
 def test_shutdown_order_rest_first_in_flight_finish(models_dir, model, monkeypatch):
     server = server_lib.ModelServer(str(models_dir), port=0, rest_port=0, poll_seconds=0,
                                     enable_model_warmup=False)
