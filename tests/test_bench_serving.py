@@ -144,3 +144,16 @@ def test_tiny_benchmark_run_checks_answers_and_writes_json(tmp_path):
     assert data["args"]["processes"] == 2
     assert "batching_gain" in data["summary"] and "floor_over_unbatched" in data["summary"]
     assert "batching gain, 2 clients at batch 1" in run.stdout
+
+
+def test_bench_xla_compares_both_functions_on_the_same_outputs(capsys):
+    from tools import bench_xla
+
+    with pytest.raises(SystemExit):
+        bench_xla.main(["--batch_sizes", "1,x"])
+    assert "comma-separated integers" in capsys.readouterr().err
+    bench_xla.main(["--model", "digits", "--batch_sizes", "2", "--seconds", "0.05",
+                    "--rounds", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("2", "plain"), ("2", "xla")]
+    assert float(rows[1][4]) < 1e-5  # XLA computes the same softmax

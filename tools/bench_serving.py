@@ -65,12 +65,12 @@ from tools.grpc_load import PREDICT_METHOD
 GRPC_LOAD = os.path.join(REPO, "tools", "grpc_load.py")
 
 
-def build_export(kind, base):
-    """Exports a JEM with random weights (`wrn`: WRN-16-2 on 32x32x3; `digits`: SmallCNN)."""
+def build_model(kind):
+    """A built JEM with random weights (`wrn`: WRN-16-2 on 32x32x3; `digits`: SmallCNN on
+    8x8x1) and its image shape."""
     import keras
 
     import keras_jem
-    from keras_jem import export
 
     if kind == "wrn":
         backbone, shape = keras_jem.backbones.WideResNet(depth=16, width=2), (32, 32, 3)
@@ -79,6 +79,14 @@ def build_export(kind, base):
     keras.utils.set_random_seed(0)
     model = keras_jem.JEM(backbone=backbone, num_classes=10, buffer_size=100)
     model(np.zeros((1,) + shape, "float32"))
+    return model, shape
+
+
+def build_export(kind, base):
+    """Exports `build_model(kind)` under `base/jem`."""
+    from keras_jem import export
+
+    model, _ = build_model(kind)
     return export.export_serving_model(model, os.path.join(base, "jem"), warmup=True)
 
 

@@ -25,20 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 
-
-def build_model(kind):
-    import keras
-
-    import keras_jem
-
-    if kind == "wrn":
-        backbone, shape = keras_jem.backbones.WideResNet(depth=16, width=2), (32, 32, 3)
-    else:
-        backbone, shape = keras_jem.backbones.SmallCNN(), (8, 8, 1)
-    keras.utils.set_random_seed(0)
-    model = keras_jem.JEM(backbone=backbone, num_classes=10, buffer_size=100)
-    model(np.zeros((1,) + shape, "float32"))
-    return model, shape
+from tools.bench_serving import build_model
 
 
 def time_calls(function, images, seconds):
