@@ -223,16 +223,21 @@ def start_server(base, batching, args, log_path):
                     "--batch_timeout_ms", str(args.batch_timeout_ms),
                     "--num_batch_threads", str(args.num_batch_threads)] + args.batching_args.split()
     processes = []
-    for index in range(args.processes):
-        path = log_path if index == 0 else f"{log_path}.{index}"
-        with open(path, "w") as log:
-            processes.append(subprocess.Popen(
-                command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}))
-        # A server binds its port once its models are loaded: until then the port reaches
-        # only the processes started before it.
-        wait_for_log(processes[-1], path, "gRPC server listening")
-    wait_for_model(processes[0], port, log_path)
+    try:
+        for index in range(args.processes):
+            path = log_path if index == 0 else f"{log_path}.{index}"
+            with open(path, "w") as log:
+                processes.append(subprocess.Popen(
+                    command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}))
+            # A server binds its port once its models are loaded: until then the port reaches
+            # only the processes started before it.
+            wait_for_log(processes[-1], path, "gRPC server listening")
+        wait_for_model(processes[0], port, log_path)
+    except BaseException:
+        for process in processes:  # the caller never sees them: stop them here
+            stop_process(process)
+        raise
     return processes, port
 
 
