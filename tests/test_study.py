@@ -148,3 +148,33 @@ def test_tiny_study_end_to_end(tmp_path):
     assert "| JEM | 1,2 |" in table and "FID (digits-CNN)" in table
     assert (output_dir / "jem-seed2" / "model.keras").exists()
     assert digits_table.main is not None
+
+
+def test_compare_evals_finds_the_one_number_that_differs(tmp_path, capsys):
+    from tools import compare_evals
+
+    report = {"tasks": {"accuracy": {"results": {"accuracy": 0.99, "n": 450}},
+                        "ood": {"auroc": [0.91, 1.0], "seconds": 12.0, "ok": True}},
+              "train_time": 80.0}
+    for side, auroc, seconds in (("a", 1.0, 12.0), ("b", 0.999, 13.5)):
+        changed = json.loads(json.dumps(report))
+        changed["tasks"]["ood"]["auroc"][1] = auroc
+        changed["tasks"]["ood"]["seconds"] = seconds
+        (tmp_path / side / "jem" / "eval").mkdir(parents=True)
+        (tmp_path / side / "jem" / "eval" / "eval.json").write_text(json.dumps(changed))
+        if side == "b":  # a flag added between the runs, and a result the first run lacks
+            changed["config"] = {"keep_backups": 2}
+            changed["tasks"]["extra"] = 1.0
+            (tmp_path / side / "jem" / "eval" / "eval.json").write_text(json.dumps(changed))
+    (tmp_path / "a" / "softmax" / "eval").mkdir(parents=True)
+    (tmp_path / "a" / "softmax" / "eval" / "eval.json").write_text(json.dumps(report))
+    # By hand: 4 numbers besides the timings (accuracy, n, two AUROCs); only AUROC 1 differs.
+    assert compare_evals.main([str(tmp_path / "a"), str(tmp_path / "b"), "--models", "jem"]) == 1
+    out = capsys.readouterr().out
+    assert "jem: 4 numbers compared, 1 differ" in out and "/tasks/ood/auroc/1: 1.0 vs 0.999" in out
+    assert "results on one side only: ['/tasks/extra']" in out
+    assert "settings on one side only: ['/config/keep_backups']" in out
+    assert compare_evals.main([str(tmp_path / "a"), str(tmp_path / "a")]) == 0
+    assert "softmax: 4 numbers compared, 0 differ" in capsys.readouterr().out
+    assert compare_evals.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1  # softmax missing
+    assert "softmax: missing" in capsys.readouterr().out
