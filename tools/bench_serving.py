@@ -224,15 +224,16 @@ def start_server(base, batching, args, log_path):
                     "--num_batch_threads", str(args.num_batch_threads)] + args.batching_args.split()
     processes = []
     try:
-        for index in range(args.processes):
-            path = log_path if index == 0 else f"{log_path}.{index}"
+        paths = [log_path] + [f"{log_path}.{index}" for index in range(1, args.processes)]
+        for path in paths:  # started together: they load their models in parallel
             with open(path, "w") as log:
                 processes.append(subprocess.Popen(
                     command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                     env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}))
-            # A server binds its port once its models are loaded: until then the port reaches
-            # only the processes started before it.
-            wait_for_log(processes[-1], path, "gRPC server listening")
+        # A server binds its port once its models are loaded, so the load must not start
+        # before every process listens: until then the port reaches only some of them.
+        for process, path in zip(processes, paths):
+            wait_for_log(process, path, "gRPC server listening")
         wait_for_model(processes[0], port, log_path)
     except BaseException:
         for process in processes:  # the caller never sees them: stop them here
