@@ -190,7 +190,9 @@ def applications_backbone(name):
     common = {"input_shape": (32, 32, 3), "include_top": False, "weights": None,
               "pooling": "avg"}
     if name == "MobileNetV3Small":
-        return keras.applications.MobileNetV3Small(include_preprocessing=False, **common)
+        # minimalistic: no squeeze-excite blocks or hard-swish, fewer layers to trace
+        return keras.applications.MobileNetV3Small(include_preprocessing=False,
+                                                   minimalistic=True, **common)
     return getattr(keras.applications, name)(**common)
 
 
