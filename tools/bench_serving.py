@@ -243,6 +243,7 @@ def start_server(base, batching, args, log_path):
 
 
 def wait_for_log(process, log_path, text, timeout=180):
+    """Waits until `text` appears in `log_path`; raises if `process` exits or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with open(log_path) as f:
