@@ -4,6 +4,7 @@ import asyncio
 import bisect
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 
@@ -87,17 +88,7 @@ class Batcher:
                  allowed_batch_sizes=None, close_when_idle=False, loop=None):
         if loop is None:
             raise ValueError("Batcher needs the asyncio event loop it runs on (`loop=`).")
-        if int(max_batch_size) < 1:
-            raise ValueError(f"max_batch_size must be >= 1; received {max_batch_size}.")
-        if int(num_threads) < 0:
-            raise ValueError(f"num_threads must be >= 0; received {num_threads}.")
-        allowed = [int(s) for s in allowed_batch_sizes or ()]
-        if allowed and (allowed != sorted(set(allowed)) or allowed[0] < 1
-                        or allowed[-1] != int(max_batch_size)):
-            raise ValueError(
-                f"allowed_batch_sizes must increase and end with max_batch_size "
-                f"({max_batch_size}); received {allowed}."
-            )
+        allowed = _check_batch_sizes(max_batch_size, num_threads, allowed_batch_sizes)
         self.signature = signature
         self.max_batch_size = int(max_batch_size)
         self.timeout = float(timeout)
@@ -336,3 +327,95 @@ class EventLoopThread:
         self._thread.join(timeout)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+def _check_batch_sizes(max_batch_size, num_threads, allowed_batch_sizes):
+    """Validates the batch sizes and thread count; returns `allowed_batch_sizes` as a list."""
+    if int(max_batch_size) < 1:
+        raise ValueError(f"max_batch_size must be >= 1; received {max_batch_size}.")
+    if int(num_threads) < 0:
+        raise ValueError(f"num_batch_threads must be >= 0; received {num_threads}.")
+    allowed = [int(s) for s in allowed_batch_sizes or ()]
+    if allowed and (allowed != sorted(set(allowed)) or allowed[0] < 1
+                    or allowed[-1] != int(max_batch_size)):
+        raise ValueError(
+            f"allowed_batch_sizes must increase and end with max_batch_size "
+            f"({max_batch_size}); received {allowed}."
+        )
+    return allowed
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchingOptions:
+    """How the server batches concurrent requests: TF Serving's `BatchingParameters`.
+
+    The one home of the batching defaults: `ModelServer(batching=...)` and the
+    `python -m serving.server` flags take theirs from here.
+
+    Args:
+        max_batch_size: the most rows in one batch.
+        batch_timeout_ms: milliseconds a batch waits for more requests after its first.
+        num_batch_threads: batches run in parallel per signature, each on its own thread; 0
+            runs every batch on the event loop's thread (see `Batcher`).
+        max_enqueued_batches: batches' worth of rows waiting beyond which requests get
+            UNAVAILABLE.
+        allowed_batch_sizes: optional increasing sizes, the last equal to `max_batch_size`,
+            that batches are padded to.
+        close_when_idle: run the open batch as soon as no batch is running instead of waiting
+            `batch_timeout_ms` (needs `num_batch_threads >= 1`).
+
+    Example:
+
+    >>> options = BatchingOptions(max_batch_size=16, batch_timeout_ms=5.0)
+    >>> server = ModelServer("models", batching=options)
+    >>> BatchingOptions.from_file("serving/configs/batching_parameters.pbtxt")
+    """
+
+    max_batch_size: int = 32
+    batch_timeout_ms: float = 2.0
+    num_batch_threads: int = 1
+    max_enqueued_batches: int = 100
+    allowed_batch_sizes: tuple = ()
+    close_when_idle: bool = False
+
+    def __post_init__(self):
+        allowed = _check_batch_sizes(self.max_batch_size, self.num_batch_threads,
+                                     self.allowed_batch_sizes)
+        if not float(self.batch_timeout_ms) >= 0:
+            raise ValueError(f"batch_timeout_ms must be >= 0; received {self.batch_timeout_ms}.")
+        if int(self.max_enqueued_batches) < 1:
+            raise ValueError(
+                f"max_enqueued_batches must be >= 1; received {self.max_enqueued_batches}."
+            )
+        for name, value in (("max_batch_size", int(self.max_batch_size)),
+                            ("batch_timeout_ms", float(self.batch_timeout_ms)),
+                            ("num_batch_threads", int(self.num_batch_threads)),
+                            ("max_enqueued_batches", int(self.max_enqueued_batches)),
+                            ("allowed_batch_sizes", tuple(allowed)),
+                            ("close_when_idle", bool(self.close_when_idle))):
+            object.__setattr__(self, name, value)  # a frozen dataclass normalises this way
+
+    @classmethod
+    def from_file(cls, path, **overrides):
+        """Reads a TF Serving `--batching_parameters_file`; `overrides` win over its fields.
+
+        Args:
+            path: a text `BatchingParameters` file.
+            **overrides: `BatchingOptions` fields set on top (e.g. from command-line flags).
+        """
+        from serving.config import read_batching_parameters_file
+
+        values = read_batching_parameters_file(path)
+        if "batch_timeout_micros" in values:
+            values["batch_timeout_ms"] = values.pop("batch_timeout_micros") / 1000.0
+        return cls(**{**values, **overrides})
+
+    def batcher(self, signature, loop):
+        """A `Batcher` of `signature` with these options, on the event loop `loop`."""
+        return Batcher(
+            signature, self.max_batch_size, self.batch_timeout_ms / 1000.0,
+            num_threads=self.num_batch_threads,
+            max_enqueued_rows=self.max_batch_size * self.max_enqueued_batches,
+            allowed_batch_sizes=self.allowed_batch_sizes, close_when_idle=self.close_when_idle,
+            loop=loop,
+        )

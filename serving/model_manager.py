@@ -61,7 +61,7 @@ class ModelManager:
             model_version_policy, version_labels), or None to discover the models as the
             subdirectories of `model_base_path` at every poll.
         model_base_path: the directory of models when `model_configs` is None.
-        batching: None, or a dict of batching parameters (see `ServableVersion`).
+        batching: None, or a `serving.batching.BatchingOptions`.
         warmup: a callable(servable) replaying the version's warmup requests, or None.
         loop: the asyncio event loop the batchers run on (required with `batching`).
         max_num_load_retries: retries of a version that failed to load (TF Serving: 5).

@@ -9,7 +9,6 @@ import grpc
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from serving.batching import Batcher
 from serving.errors import ServingError
 from serving.errors import deadline_exceeded
 from serving.signatures import DEFAULT_SIGNATURE
@@ -27,9 +26,7 @@ class ServableVersion:
         name, version, path: the model name, integer version and SavedModel directory.
         loaded: the object `tf.saved_model.load` returned.
         signature_defs: the MetaGraph's SignatureDefs by key.
-        batching: None, or a dict with max_batch_size, batch_timeout_ms, num_batch_threads,
-            max_enqueued_batches and optionally allowed_batch_sizes: batch the batchable
-            signatures.
+        batching: None, or a `BatchingOptions`: batch the batchable signatures.
         loop: the asyncio event loop the batchers run on (required with `batching`).
     """
 
@@ -49,17 +46,7 @@ class ServableVersion:
                 raise ValueError("Batching needs the server's asyncio event loop (`loop=`).")
             for key, signature in self.signatures.items():
                 if signature.batchable:
-                    self.batchers[key] = Batcher(
-                        signature,
-                        batching["max_batch_size"],
-                        batching["batch_timeout_ms"] / 1000.0,
-                        num_threads=batching["num_batch_threads"],
-                        max_enqueued_rows=batching["max_batch_size"]
-                        * batching["max_enqueued_batches"],
-                        allowed_batch_sizes=batching.get("allowed_batch_sizes"),
-                        close_when_idle=batching.get("close_when_idle", False),
-                        loop=loop,
-                    )
+                    self.batchers[key] = batching.batcher(signature, loop)
 
     @classmethod
     def load(cls, name, version, path, batching=None, loop=None):

@@ -52,6 +52,7 @@ import grpc
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.batching import Batcher  # noqa: F401 (public name of the old single module)
+from serving.batching import BatchingOptions
 from serving.batching import EventLoopThread
 from serving.config import read_batching_parameters_file  # noqa: F401
 from serving.config import read_model_config_file
@@ -74,8 +75,6 @@ from serving.tensors import tensor_proto_to_numpy  # noqa: F401
 logger = logging.getLogger("serving.server")
 
 _EventLoopThread = EventLoopThread  # the old private name, used by tests and tools
-BATCHING_DEFAULTS = {"max_batch_size": 32, "batch_timeout_ms": 2.0, "num_batch_threads": 1,
-                     "max_enqueued_batches": 100}
 
 
 def _tls_material(ssl_config_file, ssl_cert_file, ssl_key_file, ssl_client_ca_file):
@@ -132,14 +131,9 @@ class ModelServer:
         rest_port: REST port, or None for no REST endpoint (0 picks a free one).
         host: interface to bind; "127.0.0.1" (loopback only) by default, "0.0.0.0" exposes
             the server on every interface.
-        enable_batching: batch concurrent requests per model version and signature.
-        max_batch_size, batch_timeout_ms, num_batch_threads, max_enqueued_batches: batching
-            (`num_batch_threads=0` runs each batch on the gRPC event loop's thread; see
-            `Batcher`).
-        allowed_batch_sizes: optional batch sizes to pad batches to (the last equal to
-            `max_batch_size`).
-        batch_close_when_idle: run the open batch as soon as no batch is running, instead of
-            waiting `batch_timeout_ms` (see `Batcher`).
+        batching: batch concurrent requests per model version and signature: a
+            `BatchingOptions`, a dict of its fields, or True for its defaults (None or False:
+            no batching).
         max_request_batch_size: the most rows one request may hold (0 = unlimited).
         poll_seconds: seconds between scans for new versions (0 = load once, never poll).
         enable_model_warmup: replay each version's warmup requests before serving it.
@@ -186,13 +180,7 @@ class ModelServer:
         port=8500,
         rest_port=None,
         host="127.0.0.1",
-        enable_batching=False,
-        max_batch_size=32,
-        batch_timeout_ms=2.0,
-        num_batch_threads=1,
-        max_enqueued_batches=100,
-        allowed_batch_sizes=None,
-        batch_close_when_idle=False,
+        batching=None,
         max_request_batch_size=1024,
         poll_seconds=2.0,
         enable_model_warmup=True,
@@ -233,25 +221,23 @@ class ModelServer:
                     "<model_base_path>/<model name>/<integer version>/saved_model.pb, as written "
                     "by `python -m trainers.export --export_dir <model_base_path>/<model name>`."
                 )
-        for name, value, low in (("max_batch_size", max_batch_size, 1),
-                                 ("num_batch_threads", num_batch_threads, 0),
-                                 ("max_workers", max_workers, 1),
+        for name, value, low in (("max_workers", max_workers, 1),
                                  ("max_concurrent_rpcs", max_concurrent_rpcs, 1),
                                  ("max_concurrent_streams", max_concurrent_streams, 1),
                                  ("max_queued_requests", max_queued_requests, 0),
                                  ("rest_max_connections", rest_max_connections, 1)):
             if int(value) < low:
                 raise ValueError(f"{name} must be >= {low}; received {value}.")
-        batching = None
-        if enable_batching:
-            batching = {
-                "max_batch_size": int(max_batch_size),
-                "batch_timeout_ms": float(batch_timeout_ms),
-                "num_batch_threads": int(num_batch_threads),
-                "max_enqueued_batches": int(max_enqueued_batches),
-                "allowed_batch_sizes": list(allowed_batch_sizes or []),
-                "close_when_idle": bool(batch_close_when_idle),
-            }
+        if batching is True:
+            batching = BatchingOptions()
+        elif isinstance(batching, dict):
+            batching = BatchingOptions(**batching)
+        elif batching not in (None, False) and not isinstance(batching, BatchingOptions):
+            raise ValueError(
+                "`batching` takes a BatchingOptions, a dict of its fields, True (its defaults) "
+                f"or None (no batching). Received: {batching!r}"
+            )
+        batching = batching or None
         self.tls = _tls_material(ssl_config_file, ssl_cert_file, ssl_key_file,
                                  ssl_client_ca_file)
         self.max_message_bytes = int(max_message_mb * 1024 * 1024)

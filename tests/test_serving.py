@@ -164,7 +164,7 @@ def served(models, tmp_path_factory):
     )
     server = server_lib.ModelServer(
         model_config_file=str(config), port=0, rest_port=0, host="127.0.0.1",
-        enable_batching=True, max_batch_size=16, batch_timeout_ms=20,
+        batching=server_lib.BatchingOptions(max_batch_size=16, batch_timeout_ms=20),
         max_request_batch_size=MAX_REQUEST_ROWS, poll_seconds=0, max_message_mb=1,
     )
     server.start()
