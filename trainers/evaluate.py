@@ -28,13 +28,13 @@ with code 2.
 import argparse
 import datetime
 import fractions
-import json
 import os
 import sys
 import time
 import traceback
 
 from trainers import console
+from trainers import run_dir
 from trainers.evaluation import accuracy
 from trainers.evaluation import calibration
 from trainers.evaluation import generation
@@ -79,23 +79,20 @@ def parse_epsilons(text):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="python -m trainers.evaluate",
-        description="Evaluate a trained keras-jem model and write eval.json + report.md.",
+    parser = run_dir.build_parser(
+        "python -m trainers.evaluate",
+        "Evaluate a trained keras-jem model and write eval.json + report.md.",
+        checkpoint_help="a .keras file to evaluate instead of model.keras",
+        split_help="split of the in-distribution set",
     )
     add = parser.add_argument
-    add("--model_dir", required=True, help="directory written by trainers.fit")
     add("--tasks", default=",".join(DEFAULT_TASKS),
         help=f"comma-separated subset of {','.join(TASKS)}")
     add("--output_dir", default=None, help="where to write results (default MODEL_DIR/eval)")
-    add("--checkpoint", default=None, help="a .keras file to evaluate instead of model.keras")
     add("--dataset", default=None, help="in-distribution dataset (default: config.json)")
-    add("--split", default="test", help="split of the in-distribution set (default test)")
-    add("--data_dir", default=None, help="TFDS data directory (default: config.json, then TFDS)")
     add("--batch_size", type=int, default=100)
     add("--num_examples", type=int, default=None,
         help="use only the first N in-distribution examples (default: the whole split)")
-    add("--seed", type=int, default=0)
     add("--input_noise", type=float, default=None,
         help="std of Gaussian noise added to test and OOD images (JEM adds 0.03, the others 0; "
              "default: config.json's test_noise_scale, else 0)")
@@ -158,7 +155,6 @@ def build_parser():
     add("--tensorboard_dir", default=None,
         help="where the figures and numbers also go as TensorBoard summaries (default "
              "MODEL_DIR/logs; 'none' writes none)")
-    add("--verbose", action="store_true", help="show TensorFlow's C++ log lines")
     return parser
 
 
@@ -200,8 +196,7 @@ def _validate_args(args):
             raise EvaluationError(f"--{name} must be > 0. Received: {getattr(args, name)}")
 
     model_dir = os.path.expanduser(args.model_dir)
-    if not os.path.isdir(model_dir):
-        raise EvaluationError(f"--model_dir {model_dir!r} does not exist.")
+    config = run_dir.read_config(model_dir, EvaluationError)
     config_path = os.path.join(model_dir, "config.json")
     model_path = os.path.expanduser(args.checkpoint) if args.checkpoint else os.path.join(
         model_dir, "model.keras")
@@ -217,17 +212,11 @@ def _validate_args(args):
         )
     if not model_path.endswith(".keras"):
         raise EvaluationError(f"--checkpoint must be a full-model .keras file. Got: {model_path!r}")
-    config = {}
-    if os.path.isfile(config_path):
-        try:
-            with open(config_path) as f:
-                config = json.load(f)
-        except (OSError, ValueError) as error:
-            raise EvaluationError(f"Could not read {config_path!r}: {error}") from None
-    elif args.dataset is None:
+    if config is None and args.dataset is None:
         raise EvaluationError(
             f"{config_path!r} is missing, so the dataset is unknown: pass --dataset NAME."
         )
+    config = config or {}
     args.model_dir = model_dir
     args.model_path = model_path
     args.config = config

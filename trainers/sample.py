@@ -44,13 +44,13 @@ before any sampling. TensorFlow's C++ log lines are hidden unless `--verbose` is
 `trainers/console.py`).
 """
 
-import argparse
 import json
 import os
 import sys
 import time
 
 from trainers import console
+from trainers import run_dir
 
 TASKS = ("uncond", "cond", "inpaint", "denoise", "compose", "ensemble")
 MASKS = ("bottom", "top", "left", "right", "center", "random")
@@ -62,12 +62,13 @@ class SampleError(Exception):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="python -m trainers.sample",
-        description="Sample from a trained keras-jem model and save PNG grids.",
+    parser = run_dir.build_parser(
+        "python -m trainers.sample",
+        "Sample from a trained keras-jem model and save PNG grids.",
+        checkpoint_help="a .keras file to use instead of MODEL_DIR/model.keras",
+        split_help="inpaint/denoise: data split",
     )
     add = parser.add_argument
-    add("--model_dir", required=True, help="directory written by trainers.fit")
     add("--task", required=True, choices=TASKS)
     add("--labels", default=None,
         help="comma-separated labels (cond: rows, default all classes; compose: >= 2 labels)")
@@ -77,17 +78,13 @@ def build_parser():
     add("--num_steps", type=int, default=None,
         help="sampler steps (default: the model's sampler; denoise: per round, default 5)")
     add("--output", default=None, help="PNG path (default MODEL_DIR/samples_<task>.png)")
-    add("--checkpoint", default=None, help="a .keras file to use instead of MODEL_DIR/model.keras")
     add("--checkpoints", type=int, default=None,
         help="ensemble: the N newest backups in MODEL_DIR/backup (trainers.fit keeps "
              "--keep_backups, default 2)")
     add("--model_files", default=None,
         help="ensemble: comma-separated .keras files (instead of --checkpoints)")
-    add("--seed", type=int, default=0)
     add("--from_buffer", action="store_true",
         help="uncond/cond: continue chains of the replay buffer instead of starting from noise")
-    add("--split", default="test", help="inpaint/denoise: data split (default test)")
-    add("--data_dir", default=None, help="TFDS data directory (default: config.json)")
     add("--mask", default="bottom", choices=MASKS,
         help="inpaint: region to fill in (default: the bottom half)")
     add("--fraction", type=float, default=0.1,
@@ -103,7 +100,6 @@ def build_parser():
         help="mala: leading steps that tune the step size (default: a quarter of --num_steps)")
     add("--target_acceptance_rate", type=float, default=0.574,
         help="mala: acceptance rate the step-size adaptation aims at")
-    add("--verbose", action="store_true", help="show TensorFlow's C++ log lines")
     return parser
 
 
@@ -146,8 +142,7 @@ def validate_args(args):
             raise SampleError("--target_acceptance_rate must be in (0, 1). Received: "
                               f"{args.target_acceptance_rate}")
     model_dir = os.path.expanduser(args.model_dir)
-    if not os.path.isdir(model_dir):
-        raise SampleError(f"--model_dir {model_dir!r} does not exist.")
+    args.config = run_dir.read_config(model_dir, SampleError) or {}
     args.model_dir = model_dir
     _validate_ensemble(args)
     args.model_path = os.path.expanduser(args.checkpoint or os.path.join(model_dir, "model.keras"))
@@ -161,13 +156,6 @@ def validate_args(args):
             f"`python -m trainers.fit --model_dir {model_dir} ...` or pass --checkpoint."
         )
     config_path = os.path.join(model_dir, "config.json")
-    args.config = {}
-    if os.path.isfile(config_path):
-        try:
-            with open(config_path) as f:
-                args.config = json.load(f)
-        except (OSError, ValueError) as error:
-            raise SampleError(f"Could not read {config_path!r}: {error}") from None
     args.dataset = args.config.get("dataset")
     args.data_dir = args.data_dir or args.config.get("data_dir")
     if args.task in ("inpaint", "denoise") and not args.dataset:
