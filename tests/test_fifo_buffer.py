@@ -11,6 +11,7 @@ import pathlib
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from keras_jem.models.igebm import IGEBM
@@ -294,3 +295,13 @@ class IGEBMBufferTest(testing.TestCase):
         self.assertFalse(factory.build_sampler(config).noise_first)
         with self.assertRaisesRegex(fit.ConfigError, "buffer_type.*'ring'"):
             factory.build_model(dict(config, buffer_type="ring"), num_classes=10)
+
+
+@pytest.mark.parametrize("buffer_class", [ReplayBuffer, FIFOReplayBuffer])
+def test_build_takes_the_shape_of_one_image(buffer_class):
+    buffer = buffer_class(size=4)
+    with pytest.raises(ValueError, match=rf"^{buffer_class.__name__}\.build expects the shape of "
+                       r"one image \(height, width, channels\)\. Received: \(2, 8, 8, 1\)"):
+        buffer.build((2, 8, 8, 1))
+    buffer.build([8, 8, 1])
+    assert buffer.image_shape == (8, 8, 1) and tuple(buffer.images.shape) == (4, 8, 8, 1)

@@ -74,13 +74,7 @@ class FIFOReplayBuffer(ReplayBuffer):
                          reinit_probability=reinit_probability, **kwargs)
 
     def build(self, image_shape):
-        image_shape = tuple(int(d) for d in image_shape)
-        if len(image_shape) != 3:
-            raise ValueError(
-                "FIFOReplayBuffer.build expects the shape of one image (height, width, "
-                f"channels). Received: {image_shape}"
-            )
-        self.image_shape = image_shape
+        image_shape = self._set_image_shape(image_shape)
         self.images = self.add_weight(
             name="images", shape=(self.size,) + image_shape, dtype="uint8",
             initializer="zeros", trainable=False, autocast=False,

@@ -118,14 +118,19 @@ class ReplayBuffer(keras.layers.Layer):
         self.seed = seed
         self.uniform_fraction = float(uniform_fraction)
 
-    def build(self, image_shape):
+    def _set_image_shape(self, image_shape):
+        """Checks and keeps the shape of one image; returns it as a tuple of ints."""
         image_shape = tuple(int(d) for d in image_shape)
         if len(image_shape) != 3:
             raise ValueError(
-                "ReplayBuffer.build expects the shape of one image (height, width, channels). "
-                f"Received: {image_shape}"
+                f"{type(self).__name__}.build expects the shape of one image (height, width, "
+                f"channels). Received: {image_shape}"
             )
         self.image_shape = image_shape
+        return image_shape
+
+    def build(self, image_shape):
+        image_shape = self._set_image_shape(image_shape)
         self.images = self.add_weight(
             name="images",
             shape=(self.size,) + image_shape,
