@@ -187,7 +187,7 @@ def inpaint(model, images, mask, num_steps=None, y=None, sampler=None, seed=None
         training: the model's mode while sampling.
 
     Returns:
-        A float32 tensor like `images`.
+        A float32 tensor like `images`: the same pixels off the mask, samples on it.
 
     Example:
 
@@ -242,7 +242,7 @@ def denoise(model, images, num_rounds=5, num_steps=5, y=None, sampler=None, seed
         training: the model's mode while sampling.
 
     Returns:
-        A float32 tensor like `images`.
+        A float32 tensor like `images`: the restored images, every pixel free to move.
 
     Example:
 

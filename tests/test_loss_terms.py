@@ -52,6 +52,14 @@ def _prepare(model, weights, buffer):
     return _compile(model)
 
 
+def _train_once(model, x_ce, x_px, y=None, sample_weight=None):
+    """One `train_on_batch` on the two streams; returns its logs and the sampler's one call."""
+    logs = model.train_on_batch({"images": x_ce, "px_images": x_px}, y,
+                                sample_weight=sample_weight, return_dict=True)
+    (call,) = model.sampler.calls
+    return logs, call
+
+
 def _gradient(formula, weights):
     """Values and gradients of `formula(weights) -> (loss, terms)` at `weights` (a dict)."""
     variables = {k: tf.Variable(v, dtype=tf.float32) for k, v in weights.items()}
@@ -317,9 +325,7 @@ class JEMPPLossTest(KnownAnswerCase):
         _prepare(model, weights, buffer)
         x_ce, x_px = _images(rng, 4), _images(rng, 4) * 0.5 - 0.3
         y = np.array([0, 1, 0, 1])
-        logs = model.train_on_batch({"images": x_ce, "px_images": x_px}, y, return_dict=True)
-
-        (call,) = model.sampler.calls
+        logs, call = _train_once(model, x_ce, x_px, y)
         self.assertTrue(call["training"], "JEM++ samples with BatchNorm in training mode")
         start = call["start"]
         self.assertTrue(set(_rows_of(start)) <= set(_rows_of(buffer)))
@@ -377,10 +383,8 @@ class SADAJEMLossTest(KnownAnswerCase):
         # sits elsewhere in input space.
         x_ce, x_px = _images(rng, 4), _images(rng, 3) * 0.3 + 0.6
         y = np.array([1, 1, 0, 0])
-        logs = model.train_on_batch({"images": x_ce, "px_images": x_px}, y, return_dict=True)
-
         # Both SAM passes reuse one set of samples: the sampler ran once, on the p(x) batch size.
-        (call,) = model.sampler.calls
+        logs, call = _train_once(model, x_ce, x_px, y)
         self.assertLen(call["start"], len(x_px))
         self.assertTrue(set(_rows_of(call["start"])) <= set(_rows_of(buffer)))
         start = call["start"]
@@ -580,10 +584,7 @@ class IGEBMLossTest(KnownAnswerCase):
         _prepare(model, weights, buffer)
         x_ce, x_px = _images(rng, 4), _images(rng, 4) * 0.3 + 0.5
         sample_weight = np.array([0.5, 2.0, 1.0, 0.25], np.float32)
-        logs = model.train_on_batch({"images": x_ce, "px_images": x_px},
-                                    sample_weight=sample_weight, return_dict=True)
-
-        (call,) = model.sampler.calls
+        logs, call = _train_once(model, x_ce, x_px, sample_weight=sample_weight)
         self.assertTrue(set(_rows_of(call["start"])) <= set(_rows_of(buffer)))
         # grad_x E = K v for every x: each pixel moves by -step * clip(K v, +-0.01).
         gradient = (weights[(DIM, FEATURES)] @ weights[(FEATURES, 1)]).reshape(SHAPE)
@@ -647,9 +648,7 @@ class ConditionalIGEBMLossTest(KnownAnswerCase):
         _prepare(model, weights, buffer)
         x_ce, x_px = _images(rng, 4), _images(rng, 4) * 0.3 + 0.5
         y = np.array([1, 0, 0, 1])
-        logs = model.train_on_batch({"images": x_ce, "px_images": x_px}, y, return_dict=True)
-
-        (call,) = model.sampler.calls
+        logs, call = _train_once(model, x_ce, x_px, y)
         self.assertAllEqual(call["y"], y, "conditional negatives use the batch's labels")
         rows = _rows_of(buffer)
         for i, row in enumerate(_rows_of(call["start"])):

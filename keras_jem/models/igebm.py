@@ -100,13 +100,8 @@ class IGEBM(EnergyModel):
     """
 
     default_sampler_config: ClassVar[dict] = {
-        "num_steps": 60,
-        "step_size": 40.0,
-        "noise_scale": 0.01,
-        "gradient_clip": 0.005,
-        "clip_range": (-1.0, 1.0),
-        "noise_first": True,
-    }
+        "num_steps": 60, "step_size": 40.0, "noise_scale": 0.01, "gradient_clip": 0.005,
+        "clip_range": (-1.0, 1.0), "noise_first": True}
 
     config_names = tuple(
         name for name in EnergyModel.config_names if name != "num_classes"

@@ -35,23 +35,20 @@ class SADAJEM(JEM):
         num_classes: number of classes.
         **kwargs: any `JEM` argument.
 
-    Example:
+    Example (augmented cross-entropy batches of 128, clean likelihood batches of 64):
 
-    >>> model = keras_jem.SADAJEM(
-    ...     backbone=keras_jem.backbones.WideResNet(28, 10, norm="batch"), num_classes=10,
-    ...     weight_decay=5e-4)
+    >>> train_ds = keras_jem.data.make_train_dataset(train_images, train_labels,
+    ...     batch_size=128, px_batch_size=64, augment="crop_flip", augment_px=False)
+    >>> model = keras_jem.SADAJEM(keras_jem.backbones.WideResNet(28, 10, norm="batch"), 10,
+    ...                           weight_decay=5e-4)             # SAM(rho=2, adaptive) default
     >>> model.adapt_buffer(train_images, train_labels)
     >>> model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
     >>> model.fit(train_ds, epochs=200, steps_per_epoch=390)
     """
 
     default_sampler_config: ClassVar[dict] = {
-        "num_steps": 5,
-        "step_size": 1.0,
-        "noise_scale": 0.0,
-        "gradient_clip": 1.0,
-        "clip_range": (-1.0, 1.0),
-    }
+        "num_steps": 5, "step_size": 1.0, "noise_scale": 0.0, "gradient_clip": 1.0,
+        "clip_range": (-1.0, 1.0)}
 
     def __init__(
         self,
