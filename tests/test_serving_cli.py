@@ -149,3 +149,14 @@ def test_model_server_takes_batching_in_any_form(tmp_path, batching, expected):
 def test_model_server_refuses_other_batching_values(tmp_path):
     with pytest.raises(ValueError, match=r"`batching` takes a BatchingOptions.*Received: 'yes'"):
         server_lib.ModelServer(str(tmp_path), batching="yes")
+
+
+def test_bad_batching_values_stop_the_cli_before_the_server(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(server_lib, "ModelServer", functools.wraps(server_lib.ModelServer)(
+        lambda **kwargs: pytest.fail("built")))
+    assert cli.main(["--model_base_path", "models", "--max_batch_size", "0"]) == 2
+    assert "error: max_batch_size must be >= 1; received 0." in capsys.readouterr().err
+    path = tmp_path / "batching.pbtxt"
+    path.write_text("max_batch_sise { value: 8 }\n")
+    assert cli.main(["--model_base_path", "models", "--batching_parameters_file", str(path)]) == 2
+    assert "max_batch_sise" in capsys.readouterr().err
