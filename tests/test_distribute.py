@@ -2,7 +2,8 @@
 
 The MirroredStrategy checks run once in a fresh interpreter (`tests/distribute_checks.py`): the
 CPU must be split into two logical devices before TensorFlow initialises, which a pytest
-process that already ran TensorFlow cannot do.
+process that already ran TensorFlow cannot do. The fixture `two_replicas` (`tests/conftest.py`)
+holds their results; the session starts computing them in the background.
 """
 
 import json
@@ -10,14 +11,7 @@ import json
 import pytest
 
 from keras_jem import distribute
-from tests import testing
 from trainers import fit
-
-
-@pytest.fixture(scope="module")
-def two_replicas(tmp_path_factory):
-    out = tmp_path_factory.mktemp("distribute") / "results.json"
-    return testing.run_checks_script("distribute_checks.py", out, timeout=1200)
 
 
 def section(results, name):

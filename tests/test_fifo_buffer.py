@@ -7,7 +7,6 @@ from [0, 1] to the buffer's `value_range`.
 
 import json
 import os
-import pathlib
 
 import keras
 import numpy as np
@@ -187,27 +186,27 @@ class RingTest(testing.TestCase):
         np.testing.assert_array_equal(stored, testing.to_numpy(persistent.images))
 
 
-class TwoReplicaTest(testing.TestCase):
-    def test_both_replicas_samples_are_kept(self):
-        out = pathlib.Path(self.get_temp_dir()) / "fifo_checks.json"
-        results = testing.run_checks_script("fifo_checks.py", out, timeout=600)
-        self.assertEqual(results["num_replicas"], 2)
-        ring = results.get("ring")
-        self.assertIsNotNone(ring)
-        self.assertNotIn("error", ring, ring.get("traceback"))
-        # Replica r writes the codes 10 * step + 3 * r + (0, 1, 2); the all-gathered batch is
-        # replica 0's then replica 1's, appended to a ring of 8: step 0 writes 0-5 at positions
-        # 0-5, step 1 writes 10-15 at positions 6, 7, 0, 1, 2, 3.
-        expected = [12, 13, 14, 15, 4, 5, 10, 11]
-        self.assertEqual(ring["copies"], [expected, expected])
-        self.assertEqual(ring["num_written"], [12, 12])
-        # The two replicas draw different starts from the same ring.
-        first, second = ring["draws"]
-        self.assertNotEqual(first, second)
-        model = results.get("model")
-        self.assertNotIn("error", model, model.get("traceback"))
-        self.assertEqual(model["num_written"], [16, 16])  # 2 steps of a global batch of 8
-        self.assertTrue(model["copies_identical"])
+def test_both_replicas_samples_are_kept(fifo_two_replicas):
+    # `tests/fifo_checks.py`'s results (fixture in `tests/conftest.py`, computed in the
+    # background from the start of the session).
+    results = fifo_two_replicas
+    assert results["num_replicas"] == 2
+    ring = results.get("ring")
+    assert ring is not None
+    assert "error" not in ring, ring.get("traceback")
+    # Replica r writes the codes 10 * step + 3 * r + (0, 1, 2); the all-gathered batch is
+    # replica 0's then replica 1's, appended to a ring of 8: step 0 writes 0-5 at positions
+    # 0-5, step 1 writes 10-15 at positions 6, 7, 0, 1, 2, 3.
+    expected = [12, 13, 14, 15, 4, 5, 10, 11]
+    assert ring["copies"] == [expected, expected]
+    assert ring["num_written"] == [12, 12]
+    # The two replicas draw different starts from the same ring.
+    first, second = ring["draws"]
+    assert first != second
+    model = results.get("model")
+    assert "error" not in model, model.get("traceback")
+    assert model["num_written"] == [16, 16]  # 2 steps of a global batch of 8
+    assert model["copies_identical"]
 
 
 class IGEBMBufferTest(testing.TestCase):

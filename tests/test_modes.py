@@ -23,11 +23,8 @@ from tests import testing
 
 # === MirroredStrategy ===
 
-
-@pytest.fixture(scope="module")
-def mirrored(tmp_path_factory):
-    out = tmp_path_factory.mktemp("modes") / "results.json"
-    return testing.run_checks_script("modes_checks.py", out, timeout=900)
+# The fixture `mirrored` (`tests/conftest.py`) holds `tests/modes_checks.py`'s results; the
+# session starts computing them in the background.
 
 
 def test_mirrored_control_without_weight_decay(mirrored):

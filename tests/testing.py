@@ -7,9 +7,12 @@ repository root on `sys.path`, for `pytest` as for `python -m pytest`); it holds
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -175,6 +178,97 @@ def run_checks_script(script, out, timeout):
     if not out.exists():
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-6000:]}")
     return json.loads(out.read_text())
+
+
+# Seconds each checks script of `tests/two_device_checks.py` may take (they run in turn).
+TWO_DEVICE_TIMEOUTS = {"distribute": 1200, "fifo": 600, "modes": 900}
+
+
+class TwoDeviceChecks:
+    """`tests/two_device_checks.py` running in the background on `names`, in that order.
+
+    `tests/conftest.py` starts one as the session starts, for the checks that the selected tests
+    read (its fixtures `two_replicas`, `fifo_two_replicas`, `mirrored`), and closes it at the end.
+    Each script's results are the JSON it wrote, exactly as `run_checks_script` would return
+    them; only the time they are computed at changes.
+    """
+
+    def __init__(self, names, nice=10):
+        self.names = list(names)
+        self.dir = tempfile.mkdtemp(prefix="keras_jem_two_device_checks_")
+        self.stderr_path = os.path.join(self.dir, "stderr.txt")
+        env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+        env.pop("TF_CONFIG", None)
+        with open(self.stderr_path, "w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, os.path.join(REPO, "tests", "two_device_checks.py"),
+                 "--nice", str(nice), self.dir, *self.names],
+                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=stderr)
+        self.started = time.monotonic()
+
+    def results(self, name):
+        """Waits for `name`'s checks (within its timeout, counted from the start) and returns
+        the JSON they wrote; raises an `AssertionError` with the script's stderr if they wrote
+        none or ran out of time."""
+        position = self.names.index(name)
+        deadline = self.started + sum(TWO_DEVICE_TIMEOUTS[n] for n in self.names[:position + 1])
+        done = os.path.join(self.dir, f"{name}.done")
+        out = os.path.join(self.dir, f"{name}.json")
+        while not os.path.exists(done):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if not os.path.exists(done) and self.process.poll() is None:
+            self.close()
+            raise AssertionError(f"{name}_checks.py did not finish in time:\n{self._stderr()}")
+        if not os.path.exists(out):
+            raise AssertionError(f"{name}_checks.py failed (exit {self.process.poll()}):\n"
+                                 f"{self._stderr()}")
+        with open(out) as f:
+            return json.load(f)
+
+    def _stderr(self):
+        with open(self.stderr_path) as f:
+            return f.read()[-6000:]
+
+    def close(self):
+        """Stops the script if it still runs and removes its files."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_two_device_checks = None
+
+
+def start_two_device_checks(names):
+    """Starts the background run of the checks `names` (see `TwoDeviceChecks`)."""
+    global _two_device_checks
+    stop_two_device_checks()
+    _two_device_checks = TwoDeviceChecks(names)
+    return _two_device_checks
+
+
+def stop_two_device_checks():
+    global _two_device_checks
+    if _two_device_checks is not None:
+        _two_device_checks.close()
+        _two_device_checks = None
+
+
+def two_device_results(name):
+    """The results of `tests/NAME_checks.py`, from the background run when it has `name`, else
+    from a run of that script alone started now."""
+    run = _two_device_checks
+    if run is None or name not in run.names:
+        run = TwoDeviceChecks([name], nice=0)
+        try:
+            return run.results(name)
+        finally:
+            run.close()
+    return run.results(name)
 
 
 # === Known-answer helpers (tests/test_loss_terms.py, test_generation_known.py, ...) ===
