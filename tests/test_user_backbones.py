@@ -63,9 +63,16 @@ def data(shape=SHAPE, n=8, seed=0):
     return rng.uniform(-1, 1, (n,) + shape).astype("float32"), (np.arange(n) % 4).astype("int32")
 
 
-def train(model, shape=SHAPE, steps=2):
+def train(model, shape=SHAPE, steps=2, build_first=False):
+    """`steps` training steps; `build_first`: as `trainers/fit.py`, the model and the optimizer's
+    variables exist before the first step, which is then traced once instead of twice (a
+    tf.function whose first trace creates variables is traced again)."""
     x, y = data(shape)
+    if build_first:
+        model.build((None,) + shape)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
+    if build_first:
+        model.optimizer.build(model.trainable_variables)
     for step in range(steps):
         logs = model.train_on_batch(x[4 * (step % 2):][:4], y[4 * (step % 2):][:4],
                                     return_dict=True)
@@ -200,7 +207,7 @@ def check_application(name, tmp_path):
     keras.utils.set_random_seed(1)
     backbone = applications_backbone(name)
     model = jem(backbone)
-    train(model, shape=(32, 32, 3), steps=1)
+    train(model, shape=(32, 32, 3), steps=1, build_first=True)
     assert model.feature_dim == backbone.output_shape[-1]
     assert_round_trip(model, str(tmp_path / "model.keras"), shape=(32, 32, 3))
 
