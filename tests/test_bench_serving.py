@@ -5,7 +5,6 @@ No timing is asserted: the numbers depend on the machine and its load.
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,6 @@ import pytest
 
 from tools import bench_serving
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRPC_LOAD = bench_serving.GRPC_LOAD
 
 
@@ -123,16 +121,16 @@ def test_load_generator_reports_failed_calls_and_unreachable_servers(tmp_path):
     assert closed.returncode != 0 and "could not connect" in closed.stderr
 
 
-def test_tiny_benchmark_run_checks_answers_and_writes_json(tmp_path):
+def test_tiny_benchmark_run_checks_answers_and_writes_json(tmp_path, capsys):
     # Two server processes per mode sharing a port (--reuse_port): the multi-process path, of
-    # which one process is the special case.
+    # which one process is the special case. The driver (`bench_serving.main`: export, the
+    # in-process mode, the load) runs in this process, which already imported TensorFlow; the
+    # servers, the gRPC floor and the load generator are subprocesses, as from the command line.
     out = tmp_path / "bench.json"
-    run = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "bench_serving.py"), "--model", "digits",
-         "--seconds", "0.4", "--rounds", "1", "--batch_sizes", "1", "--clients", "1,2",
-         "--processes", "2", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
+    bench_serving.main(
+        ["--model", "digits", "--seconds", "0.4", "--rounds", "1", "--batch_sizes", "1",
+         "--clients", "1,2", "--processes", "2", "--json", str(out)])
+    stdout = capsys.readouterr().out
     data = json.loads(out.read_text())
     cells = {(r["mode"], r["clients"]) for r in data["rows"]}
     assert cells == {("in-process", 1), ("server", 1), ("server+batching", 1),
@@ -143,7 +141,7 @@ def test_tiny_benchmark_run_checks_answers_and_writes_json(tmp_path):
         assert row["img_per_cpu_s"] is not None, row  # every server process's CPU was read
     assert data["args"]["processes"] == 2
     assert "batching_gain" in data["summary"] and "floor_over_unbatched" in data["summary"]
-    assert "batching gain, 2 clients at batch 1" in run.stdout
+    assert "batching gain, 2 clients at batch 1" in stdout
 
 
 def test_bench_xla_compares_both_functions_on_the_same_outputs(capsys):
