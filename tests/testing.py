@@ -223,7 +223,7 @@ class TwoDeviceChecks:
             self.close()
             raise AssertionError(f"{name}_checks.py did not finish in time:\n{self._stderr()}")
         if not os.path.exists(out):
-            raise AssertionError(f"{name}_checks.py failed (exit {self.process.poll()}):\n"
+            raise AssertionError(f"{name}_checks.py wrote no results:\n"
                                  f"{self._stderr()}")
         with open(out) as f:
             return json.load(f)
