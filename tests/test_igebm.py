@@ -480,6 +480,9 @@ class OfficialCodeTest(testing.TestCase):
         self.assertTrue(large.sample_in_training_mode)
         self.assertTrue(large.get_config()["sample_in_training_mode"])
         spy(large).compile(optimizer=keras.optimizers.SGD(0.0))
+        # Built first, as trainers/fit.py does: the step is then traced once, not twice.
+        large.build((None, 8, 8, 1))
+        large.optimizer.build(large.trainable_variables)
         large.train_on_batch(images, labels)
         self.assertTrue(seen and all(seen))  # sampler and loss: dropout on
         seen.clear()

@@ -41,6 +41,9 @@ class SampleCLITest(testing.TestCase):
             sampler=sampling.SGLD(1, 10.0, 0.005, 0.01, (-1.0, 1.0)),
         )
         model.compile(optimizer=keras.optimizers.Adam(3e-4, beta_1=0.0))
+        # Built first, as trainers/fit.py does: fit then traces its step once, not twice.
+        model.build((None, 8, 8, 1))
+        model.optimizer.build(model.trainable_variables)
         model.fit(images, labels, batch_size=32, epochs=1, steps_per_epoch=2, verbose=0)
         model.save(os.path.join(cls.model_dir, "model.keras"))
         cls.test_images = testing.load_digits("test", 8)[0]
