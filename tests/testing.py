@@ -155,31 +155,6 @@ def run_in_subprocess(code, timeout=240):
     return result.stdout
 
 
-def run_checks_script(script, out, timeout):
-    """Runs `python tests/<script> OUT` in a fresh interpreter and returns the JSON it writes.
-
-    For the scripts that split the CPU into logical devices before TensorFlow starts
-    (`distribute_checks.py`, `modes_checks.py`); `TF_CONFIG` is removed from their environment.
-
-    Args:
-        script: the script's file name in `tests/`.
-        out: a `pathlib.Path` the script writes its results to.
-        timeout: seconds the script may take.
-
-    Raises:
-        AssertionError: with the script's stderr, when it wrote no results.
-    """
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tests", script), str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False,
-    )
-    if not out.exists():
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-6000:]}")
-    return json.loads(out.read_text())
-
-
 # Seconds each checks script of `tests/two_device_checks.py` may take (they run in turn).
 TWO_DEVICE_TIMEOUTS = {"distribute": 1200, "fifo": 600, "modes": 900}
 
@@ -189,8 +164,8 @@ class TwoDeviceChecks:
 
     `tests/conftest.py` starts one as the session starts, for the checks that the selected tests
     read (its fixtures `two_replicas`, `fifo_two_replicas`, `mirrored`), and closes it at the end.
-    Each script's results are the JSON it wrote, exactly as `run_checks_script` would return
-    them; only the time they are computed at changes.
+    Each script's results are the JSON it wrote, exactly as `python tests/NAME_checks.py OUT`
+    writes them; only the time they are computed at changes.
     """
 
     def __init__(self, names, nice=10):
