@@ -97,7 +97,32 @@ def output_feature_dim(backbone, call, image_shape):
     return feature_dim
 
 
-class Backbone(keras.layers.Layer):
+class NamedConfig:
+    """Mixin for layers: `get_config` from the constructor arguments named in `config_names`.
+
+    The samplers and energy models build their configs the same way. Each name is a constructor
+    argument stored as the attribute of that name; a subclass extends its parent's tuple.
+
+    Example:
+
+    >>> class Scale(NamedConfig, keras.layers.Layer):
+    ...     config_names = ("factor",)
+    ...     def __init__(self, factor=2.0, **kwargs):
+    ...         super().__init__(**kwargs)
+    ...         self.factor = factor
+    >>> Scale(3.0).get_config()["factor"]
+    3.0
+    """
+
+    config_names = ()
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({name: getattr(self, name) for name in self.config_names})
+        return config
+
+
+class Backbone(NamedConfig, keras.layers.Layer):
     """Base class of keras-jem's backbones: a stem convolution, then the rest of the network.
 
     Subclasses create `self.stem_conv` (the first convolution) and `self.feature_dim` in

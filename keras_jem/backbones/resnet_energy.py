@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_jem.backbones import layers as backbone_layers
 from keras_jem.backbones.backbone import Backbone
+from keras_jem.backbones.backbone import NamedConfig
 
 HEAD_ACTIVATIONS = (None, "relu", "leaky_relu", "swish")
 POOLINGS = ("sum", "mean")
@@ -26,7 +27,7 @@ def _per_example(table, y):
 
 
 @keras.saving.register_keras_serializable(package="keras_jem")
-class SNResBlock(keras.layers.Layer):
+class SNResBlock(NamedConfig, keras.layers.Layer):
     """IGEBM residual block with spectrally normalised convolutions and label modulation.
 
     h = conv1(x + b1[y]) -> dropout -> act -> conv2(h + b2[y]) * g2[y];
@@ -56,6 +57,11 @@ class SNResBlock(keras.layers.Layer):
     >>> block = SNResBlock(32, downsample=True, num_classes=10)
     >>> out = block(np.zeros((2, 8, 8, 16), "float32"), y=np.array([1, 2]))  # (2, 4, 4, 32)
     """
+
+    config_names = (
+        "filters", "downsample", "num_classes", "activation", "leaky_relu_slope",
+        "dropout_rate", "power_iterations", "use_bias",
+    )
 
     def __init__(
         self,
@@ -155,22 +161,6 @@ class SNResBlock(keras.layers.Layer):
 
         return (input_shape[0], down(input_shape[1]), down(input_shape[2]), self.filters)
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "filters": self.filters,
-                "downsample": self.downsample,
-                "num_classes": self.num_classes,
-                "activation": self.activation,
-                "leaky_relu_slope": self.leaky_relu_slope,
-                "dropout_rate": self.dropout_rate,
-                "power_iterations": self.power_iterations,
-                "use_bias": self.use_bias,
-            }
-        )
-        return config
-
 
 @keras.saving.register_keras_serializable(package="keras_jem")
 class SNResNet(Backbone):
@@ -224,6 +214,12 @@ class SNResNet(Backbone):
     >>> features = backbone(x, y=np.array([3, 7]))  # (2, 128)
     >>> same = backbone.call_from_stem(backbone.stem(x), y=np.array([3, 7]))
     """
+
+    config_names = (
+        "filters", "num_blocks", "num_classes", "activation", "leaky_relu_slope",
+        "dropout_rate", "downsample", "pooling", "head_activation", "power_iterations",
+        "use_bias",
+    )
 
     # The spectrally normalised stem re-estimates its norm in training mode: not treated as a
     # fixed affine map by the proximal sampler.
@@ -336,25 +332,6 @@ class SNResNet(Backbone):
                 "(batch,) or one-hot/soft labels of shape (batch, num_classes)."
             )
         return ops.convert_to_tensor(y)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "filters": self.filters,
-                "num_blocks": self.num_blocks,
-                "num_classes": self.num_classes,
-                "activation": self.activation,
-                "leaky_relu_slope": self.leaky_relu_slope,
-                "dropout_rate": self.dropout_rate,
-                "downsample": self.downsample,
-                "pooling": self.pooling,
-                "head_activation": self.head_activation,
-                "power_iterations": self.power_iterations,
-                "use_bias": self.use_bias,
-            }
-        )
-        return config
 
 
 def _merge_label_args(y, labels):

@@ -42,6 +42,8 @@ class SmallCNN(Backbone):
     >>> same = backbone.call_from_stem(backbone.stem(np.zeros((4, 8, 8, 1), "float32")))
     """
 
+    config_names = ("filters", "norm", "dropout_rate", "leaky_relu_slope")
+
     def __init__(
         self,
         filters=(32, 64, 128),
@@ -141,15 +143,8 @@ class SmallCNN(Backbone):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "filters": self.filters,
-                "feature_dim": self.feature_dim if self.use_dense else None,
-                "norm": self.norm,
-                "dropout_rate": self.dropout_rate,
-                "leaky_relu_slope": self.leaky_relu_slope,
-            }
-        )
+        # `feature_dim` is the argument (None: no dense layer), not the attribute.
+        config["feature_dim"] = self.feature_dim if self.use_dense else None
         return config
 
 

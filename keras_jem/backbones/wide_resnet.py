@@ -5,10 +5,11 @@ from keras import ops
 
 from keras_jem.backbones import layers as backbone_layers
 from keras_jem.backbones.backbone import Backbone
+from keras_jem.backbones.backbone import NamedConfig
 
 
 @keras.saving.register_keras_serializable(package="keras_jem")
-class WideResNetBlock(keras.layers.Layer):
+class WideResNetBlock(NamedConfig, keras.layers.Layer):
     """Pre-activation basic block of the JEM-family Wide-ResNet.
 
     norm1 -> LeakyReLU -> conv3x3 (stride 1) -> dropout -> norm2 -> LeakyReLU ->
@@ -35,6 +36,8 @@ class WideResNetBlock(keras.layers.Layer):
     >>> block(np.zeros((2, 8, 8, 16), "float32")).shape
     (2, 4, 4, 32)
     """
+
+    config_names = ("filters", "strides", "norm", "dropout_rate", "leaky_relu_slope")
 
     def __init__(
         self, filters, strides=1, norm=None, dropout_rate=0.0, leaky_relu_slope=0.2, **kwargs
@@ -110,19 +113,6 @@ class WideResNetBlock(keras.layers.Layer):
 
         return (input_shape[0], down(input_shape[1]), down(input_shape[2]), self.filters)
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "filters": self.filters,
-                "strides": self.strides,
-                "norm": self.norm,
-                "dropout_rate": self.dropout_rate,
-                "leaky_relu_slope": self.leaky_relu_slope,
-            }
-        )
-        return config
-
 
 @keras.saving.register_keras_serializable(package="keras_jem")
 class WideResNet(Backbone):
@@ -160,6 +150,8 @@ class WideResNet(Backbone):
     >>> h = backbone.stem(np.zeros((2, 32, 32, 3), "float32"))  # (2, 32, 32, 16)
     >>> same = backbone.call_from_stem(h)
     """
+
+    config_names = ("depth", "width", "norm", "dropout_rate", "leaky_relu_slope")
 
     def __init__(
         self, depth=28, width=10, norm=None, dropout_rate=0.0, leaky_relu_slope=0.2, **kwargs
@@ -214,16 +206,3 @@ class WideResNet(Backbone):
             h = self.head_norm(h, training=training)
         h = ops.leaky_relu(h, negative_slope=self.leaky_relu_slope)
         return ops.mean(h, axis=(1, 2))
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "depth": self.depth,
-                "width": self.width,
-                "norm": self.norm,
-                "dropout_rate": self.dropout_rate,
-                "leaky_relu_slope": self.leaky_relu_slope,
-            }
-        )
-        return config
