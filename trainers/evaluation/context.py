@@ -1,7 +1,11 @@
 """The evaluation context: the model, the in-distribution data and the OOD sets, loaded and
 checked against each other before any long computation, plus the predictions the tasks share."""
 
+import argparse
+import dataclasses
 import os
+
+import numpy as np
 
 
 class EvaluationError(Exception):
@@ -12,21 +16,24 @@ def parse_list(text):
     return [item.strip() for item in str(text).split(",") if item.strip()]
 
 
+@dataclasses.dataclass
 class Context:
-    """Everything the tasks share: args, model, data, cached predictions."""
+    """Everything the tasks share: args, model, data, cached predictions.
 
-    def __init__(self, args):
-        self.args = args
-        self.model = None
-        self.images = None
-        self.labels = None
-        self.ood_sets = {}
-        self.ood_scores = []
-        self.extractor = None
-        self.extractor_skip_reason = None
-        self.extractor_weights = None
-        self.num_classes = None
-        self.logits = None
+    `build_context` fills it in and checks the parts against each other; the tasks read it.
+    """
+
+    args: argparse.Namespace
+    model: object = None  # the loaded keras-jem model
+    images: np.ndarray | None = None  # the --split images in [-1, 1], NHWC
+    labels: np.ndarray | None = None
+    ood_sets: dict = dataclasses.field(default_factory=dict)  # name -> images
+    ood_scores: list = dataclasses.field(default_factory=list)  # OOD score names
+    extractor: object = None  # the IS/FID feature extractor, loaded on demand
+    extractor_skip_reason: str | None = None
+    extractor_weights: str | None = None
+    num_classes: int | None = None
+    logits: np.ndarray | None = None  # the model's logits on `images`, computed once
 
     def output(self, name):
         return os.path.join(self.args.output_dir, name)
@@ -47,7 +54,6 @@ def _import_libraries():
 def prepare(args):
     """Load model, data and OOD sets and check that they fit together."""
     import keras
-    import numpy as np
 
     from keras_jem import data as data_lib
     from keras_jem import metrics
