@@ -8,11 +8,14 @@ constant gravity and a little velocity noise. A state is the flat vector
 `(x_1, y_1, vx_1, vy_1, ..., x_k, y_k, vx_k, vy_k)`.
 """
 
+import dataclasses
+
 import numpy as np
 
 STATE_FEATURES = ("x", "y", "vx", "vy")
 
 
+@dataclasses.dataclass
 class BouncingParticles:
     """Particles in the unit box `[0, 1]^2` with elastic walls, gravity and velocity noise.
 
@@ -39,15 +42,16 @@ class BouncingParticles:
     >>> s_t, s_next = transitions(trajectories)
     """
 
-    def __init__(
-        self,
-        num_particles=2,
-        radius=0.05,
-        dt=0.05,
-        gravity=0.5,
-        velocity_noise=0.05,
-        max_speed=1.0,
-    ):
+    num_particles: int = 2
+    radius: float = 0.05
+    dt: float = 0.05
+    gravity: float = 0.5
+    velocity_noise: float = 0.05
+    max_speed: float = 1.0
+
+    def __post_init__(self):
+        num_particles, radius, dt = self.num_particles, self.radius, self.dt
+        velocity_noise, max_speed = self.velocity_noise, self.max_speed
         if int(num_particles) != num_particles or num_particles < 1:
             raise ValueError(f"`num_particles` must be a positive integer. Received: {num_particles}")
         if not 0 <= radius < 0.5:
@@ -58,26 +62,15 @@ class BouncingParticles:
             raise ValueError(f"`velocity_noise` must be non-negative. Received: {velocity_noise}")
         if not max_speed > 0.2:
             raise ValueError(f"`max_speed` must exceed 0.2. Received: {max_speed}")
-        self.num_particles = int(num_particles)
-        self.radius = float(radius)
-        self.dt = float(dt)
-        self.gravity = float(gravity)
-        self.velocity_noise = float(velocity_noise)
-        self.max_speed = float(max_speed)
+        for field in dataclasses.fields(self):  # 2.0 -> 2, numpy scalars -> Python numbers
+            setattr(self, field.name, field.type(getattr(self, field.name)))
 
     @property
     def state_dim(self):
         return 4 * self.num_particles
 
     def get_config(self):
-        return {
-            "num_particles": self.num_particles,
-            "radius": self.radius,
-            "dt": self.dt,
-            "gravity": self.gravity,
-            "velocity_noise": self.velocity_noise,
-            "max_speed": self.max_speed,
-        }
+        return dataclasses.asdict(self)
 
     def state_range(self):
         """`(low, high)` per state feature: centres in `[radius, 1 - radius]`, any velocity."""
