@@ -253,16 +253,23 @@ class ModelServer:
         )
         if enable_model_warmup:
             self.manager.warmup = self.core.warmup
-        self.host = host
-        self.port = port
-        self.rest_port = rest_port
+        self.host, self.port, self.rest_port = host, port, rest_port
         self.poll_seconds = poll_seconds
-        self.max_workers = int(max_workers)
-        self.max_concurrent_rpcs = int(max_concurrent_rpcs)
-        self.max_concurrent_streams = int(max_concurrent_streams)
-        self.rest_max_connections = int(rest_max_connections)
-        self.rest_timeout_seconds = float(rest_timeout_seconds)
-        self.reuse_port = bool(reuse_port)
+        # What `start` hands to grpc.aio.server and to the REST server.
+        self._grpc_settings = {
+            "options": [
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
+                ("grpc.max_concurrent_streams", int(max_concurrent_streams)),
+                ("grpc.so_reuseport", int(bool(reuse_port))),
+            ],
+            "maximum_concurrent_rpcs": int(max_concurrent_rpcs),
+        }
+        self._rest_settings = {
+            "max_connections": int(rest_max_connections),
+            "timeout": float(rest_timeout_seconds),
+            "reuse_port": bool(reuse_port),
+        }
         self.health = None
         self._loop = None
         self._grpc_server = None
@@ -277,7 +284,7 @@ class ModelServer:
         self.health = ModelHealth(self._loop.loop)
         self.manager.on_change = self.health.set_model
         self.core.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.max_workers, thread_name_prefix="predict"
+            max_workers=self.core.num_workers, thread_name_prefix="predict"
         )
         try:
             self.manager.poll()
@@ -293,9 +300,7 @@ class ModelServer:
             api = RestApi(self.core)
             self._http_server = RestServer(
                 (self.host, self.rest_port), make_handler(api, self.max_message_bytes),
-                max_connections=self.rest_max_connections, timeout=self.rest_timeout_seconds,
-                ssl_context=_ssl_context(*self.tls) if self.tls else None,
-                reuse_port=self.reuse_port,
+                ssl_context=_ssl_context(*self.tls) if self.tls else None, **self._rest_settings,
             )
             self.rest_port = self._http_server.server_address[1]
             thread = threading.Thread(
@@ -312,13 +317,7 @@ class ModelServer:
         return self
 
     async def _start_grpc(self):
-        options = [
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
-            ("grpc.so_reuseport", int(self.reuse_port)),
-        ]
-        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=self.max_concurrent_rpcs)
+        server = grpc.aio.server(**self._grpc_settings)
         add_services(server, self.core)
         self.health.add_to_server(server)
         for name, versions in self.manager.served_summary().items():
