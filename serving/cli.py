@@ -109,12 +109,12 @@ def build_parser():
     add("--no_warmup", action="store_true",
         help="do not replay assets.extra/tf_serving_warmup_requests at load")
     add("--shutdown_grace_seconds", type=float, default=10.0,
-        help="on SIGTERM, seconds in-flight requests get to finish (default 10)")
+        help="on SIGTERM, seconds in-flight requests get to finish (default %(default)s)")
     add("--tensorflow_intra_op_parallelism", type=int, default=0,
         help="threads per TensorFlow op (0 = TensorFlow's default)")
     add("--tensorflow_inter_op_parallelism", type=int, default=0,
         help="TensorFlow ops run in parallel (0 = TensorFlow's default)")
-    add("--log_level", default="INFO", help="logging level (default INFO)")
+    add("--log_level", default="INFO", help="logging level (default %(default)s)")
     return parser
 
 

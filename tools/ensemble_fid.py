@@ -67,7 +67,7 @@ def build_parser():
         help="softmax .keras whose backbone features the FID uses (default: trained into "
              "OUTPUT_DIR/softmax)")
     add("--fit_args", default="", help="extra trainers.fit flags for the IGEBM, e.g. '--epochs 8'")
-    add("--per_class", type=int, default=50, help="samples per class (default 50)")
+    add("--per_class", type=int, default=50, help="samples per class (default %(default)s)")
     add("--chains", type=parse_chains, default=parse_chains("noise:100,noise:300,buffer:20"),
         help="START:STEPS,... with START noise or buffer (default noise:100,noise:300,buffer:20)")
     add("--reference_examples", type=int, default=None,
