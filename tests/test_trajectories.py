@@ -138,7 +138,7 @@ class TransitionEBMTest(testing.TestCase):
             TransitionEBM(state_dim=2, state_range=(0.0, [1.0, 1.0, 1.0]))
 
 
-def test_cli_tiny_run_and_bad_flag(tmp_path):
+def test_cli_tiny_run_and_bad_flag(tmp_path, monkeypatch):
     env = dict(os.environ, PYTHONPATH=testing.REPO)
     bad = subprocess.run(
         [sys.executable, "-m", "trainers.trajectories", "--horizons", "0,5"],
@@ -148,6 +148,16 @@ def test_cli_tiny_run_and_bad_flag(tmp_path):
     # The tiny run calls the same `main` in this process, which already imported TensorFlow
     # (a second `python -m trainers.trajectories` spent ~9 s of its ~15 s importing it); the
     # command above covers the module's command-line entry.
+    # The tiny run's predictions stay in the box even unclipped, so the fraction below cannot
+    # tell whether --clip_to_box arrived: record the state range the model is built with.
+    built_with = {}
+    build_model = TransitionEBM.__init__
+
+    def recording_init(self, *args, **kwargs):
+        built_with.update(kwargs)
+        build_model(self, *args, **kwargs)
+
+    monkeypatch.setattr(TransitionEBM, "__init__", recording_init)
     out = tmp_path / "run"
     trajectories.main(
         ["--model_dir", str(out),
@@ -158,4 +168,8 @@ def test_cli_tiny_run_and_bad_flag(tmp_path):
         assert set(report["frechet"][name]) == {"1", "4"}
         assert all(np.isfinite(v) and v >= 0 for v in report["frechet"][name].values())
     assert report["fraction_in_box"]["energy_model"] == 1.0  # --clip_to_box
+    # Two particles of radius 0.05: centres in [0.05, 0.95], velocities unbounded.
+    low, high = built_with["state_range"]
+    np.testing.assert_allclose(low, [0.05, 0.05, -np.inf, -np.inf] * 2)
+    np.testing.assert_allclose(high, [0.95, 0.95, np.inf, np.inf] * 2)
     assert (out / "rollout.png").stat().st_size > 1000
