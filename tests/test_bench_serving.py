@@ -29,7 +29,7 @@ def floor_server(response_file, tmp_path, **kwargs):
     try:
         yield port
     finally:
-        bench_serving.stop_process(process)
+        bench_serving.stop_processes(process)
 
 
 def run_load(port, request_file, *extra):

@@ -236,8 +236,7 @@ def start_server(base, batching, args, log_path):
             wait_for_log(process, path, "gRPC server listening")
         wait_for_model(processes[0], port, log_path)
     except BaseException:
-        for process in processes:  # the caller never sees them: stop them here
-            stop_process(process)
+        stop_processes(*processes)  # the caller never sees them: stop them here
         raise
     return processes, port
 
@@ -270,13 +269,18 @@ def start_floor(response_file, log_path, method=PREDICT_METHOD):
     return process, port
 
 
-def stop_process(process):
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=30)
+def stop_processes(*processes):
+    """Stops `processes` together: SIGTERM to all (each server drains for up to its grace
+    period), then wait, then SIGKILL whatever is still running after 30 s."""
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + 30
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
 
 
 def prepare_requests(in_process, server, batch_sizes, image_shape, tmp):
@@ -491,8 +495,7 @@ def main(argv=None):
                 processes.append(floors[batch][0])
             rows = run_cells(args, in_process, servers, floors, files, image_shape)
         finally:
-            for process in processes:
-                stop_process(process)
+            stop_processes(*processes)
 
     print()
     print(format_table(rows))
