@@ -65,6 +65,14 @@ BATCHING_FLAGS = {
     "max_enqueued_batches": "queued batches beyond which requests get UNAVAILABLE",
 }
 
+# TF Serving's thread-pool flags, each with the TensorFlow call it makes.
+THREADING_FLAGS = {
+    "tensorflow_intra_op_parallelism": (
+        "threads per TensorFlow op", tf.config.threading.set_intra_op_parallelism_threads),
+    "tensorflow_inter_op_parallelism": (
+        "TensorFlow ops run in parallel", tf.config.threading.set_inter_op_parallelism_threads),
+}
+
 
 def _add_server_flags(add):
     from serving.server import ModelServer
@@ -110,10 +118,8 @@ def build_parser():
         help="do not replay assets.extra/tf_serving_warmup_requests at load")
     add("--shutdown_grace_seconds", type=float, default=10.0,
         help="on SIGTERM, seconds in-flight requests get to finish (default %(default)s)")
-    add("--tensorflow_intra_op_parallelism", type=int, default=0,
-        help="threads per TensorFlow op (0 = TensorFlow's default)")
-    add("--tensorflow_inter_op_parallelism", type=int, default=0,
-        help="TensorFlow ops run in parallel (0 = TensorFlow's default)")
+    for name, (text, _) in THREADING_FLAGS.items():
+        add(f"--{name}", type=int, default=0, help=f"{text} (0 = TensorFlow's default)")
     add("--log_level", default="INFO", help="logging level (default %(default)s)")
     return parser
 
@@ -153,10 +159,9 @@ def main(argv=None):
     if not args.model_base_path and not args.model_config_file:
         parser.error("pass --model_base_path DIR or --model_config_file FILE")
     # Must happen before TensorFlow runs anything (i.e. before the models load).
-    if args.tensorflow_intra_op_parallelism:
-        tf.config.threading.set_intra_op_parallelism_threads(args.tensorflow_intra_op_parallelism)
-    if args.tensorflow_inter_op_parallelism:
-        tf.config.threading.set_inter_op_parallelism_threads(args.tensorflow_inter_op_parallelism)
+    for name, (_, set_threads) in THREADING_FLAGS.items():
+        if getattr(args, name):
+            set_threads(getattr(args, name))
     try:
         batching = batching_options(args, parser)
         server = ModelServer(

@@ -66,6 +66,28 @@ def test_every_flag_and_alias_reaches_the_server(monkeypatch):
     }
 
 
+def test_threading_flags_set_tensorflow_thread_pools(monkeypatch):
+    import tensorflow as tf
+
+    # The table holds TensorFlow's own setters (TensorFlow refuses them once it has run, as in
+    # this process, so recorders stand in for them below).
+    assert cli.THREADING_FLAGS["tensorflow_intra_op_parallelism"][1] is (
+        tf.config.threading.set_intra_op_parallelism_threads)
+    assert cli.THREADING_FLAGS["tensorflow_inter_op_parallelism"][1] is (
+        tf.config.threading.set_inter_op_parallelism_threads)
+    calls = []
+    monkeypatch.setattr(cli, "THREADING_FLAGS", {
+        name: (text, functools.partial(lambda name, n: calls.append((name, n)), name))
+        for name, (text, _) in cli.THREADING_FLAGS.items()})
+    _server_kwargs(monkeypatch, ["--model_base_path", "models"])
+    assert calls == []  # 0: TensorFlow's default, nothing set
+    _server_kwargs(monkeypatch, ["--model_base_path", "models",
+                                 "--tensorflow_intra_op_parallelism", "3",
+                                 "--tensorflow_inter_op_parallelism", "2"])
+    assert calls == [("tensorflow_intra_op_parallelism", 3),
+                     ("tensorflow_inter_op_parallelism", 2)]
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--enable_batching"], BatchingOptions(32, 2.0, 1, 100, (), False)),
     (["--max_batch_size", "8"], BatchingOptions(8, 2.0, 1, 100, (), False)),
