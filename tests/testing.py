@@ -177,7 +177,7 @@ class TwoDeviceChecks:
         with open(self.stderr_path, "w") as stderr:
             self.process = subprocess.Popen(
                 [sys.executable, os.path.join(REPO, "tests", "two_device_checks.py"),
-                 "--nice", str(nice), self.dir, *self.names],
+                 "--nice", str(nice), "--parent", str(os.getpid()), self.dir, *self.names],
                 cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=stderr)
         self.started = time.monotonic()
