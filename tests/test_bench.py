@@ -8,6 +8,8 @@ import io
 import json
 import os
 
+import pytest
+
 from tests import testing
 from tools import bench
 
@@ -70,6 +72,10 @@ class BenchConfigTest(testing.TestCase):
 
 
 class BenchCliTest(testing.TestCase):
+    # Two `tools.bench` worker processes, about 35 s: large. The tracing guard it also checks
+    # (one train_step trace, backbone graphs per trace) runs in the default suite in
+    # tests/test_models.py (TrainingTest.test_train_step_traced_once).
+    @pytest.mark.large
     def test_tiny_run_writes_json_lines_and_table(self):
         # The driver (`tools.bench.main`) runs in this process, which already imported
         # TensorFlow; each configuration still runs in its own `python -m tools.bench --_worker`

@@ -121,6 +121,7 @@ def test_load_generator_reports_failed_calls_and_unreachable_servers(tmp_path):
     assert closed.returncode != 0 and "could not connect" in closed.stderr
 
 
+@pytest.mark.large  # four server processes, about 40 s; the pieces are tested above
 def test_tiny_benchmark_run_checks_answers_and_writes_json(tmp_path, capsys):
     # Two server processes per mode sharing a port (--reuse_port): the multi-process path, of
     # which one process is the special case. The driver (`bench_serving.main`: export, the

@@ -17,6 +17,14 @@ from tests import testing
 MODEL_CLASSES = {"jem": keras_jem.JEM, "jempp": keras_jem.JEMPP, "sadajem": keras_jem.SADAJEM}
 
 
+def _counting(function, counts, key):
+    def wrapper(*args, **kwargs):
+        counts[key] += 1
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
 def _cross_entropy(model, images, labels):
     logits = model(images, training=False)
     return float(keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
@@ -111,11 +119,17 @@ class TrainingTest(testing.TestCase):
         keras.utils.set_random_seed(0)
         cls.images, cls.labels = testing.load_digits(num_examples=256)
         cls.models, cls.histories, cls.ce_before, cls.buffers_before = {}, {}, {}, {}
+        cls.traces = {}
         for name, model_cls in MODEL_CLASSES.items():
             adapt = None if model_cls is keras_jem.JEM else (cls.images, cls.labels)
             model = testing.make_model(model_cls, backbone=testing.small_cnn(norm="batch"),
                                        buffer_size=200, adapt=adapt, seed=3)
             model.compile(optimizer=keras.optimizers.Adam(1e-2))
+            # Python calls of train_step and of the backbone happen only while tracing.
+            cls.traces[name] = counts = {"train_step": 0, "backbone": 0}
+            for obj, method, key in ((model, "train_step", "train_step"),
+                                     (model.backbone, "call_from_stem", "backbone")):
+                object.__setattr__(obj, method, _counting(getattr(obj, method), counts, key))
             cls.ce_before[name] = _cross_entropy(model, cls.images, cls.labels)
             cls.buffers_before[name] = model.buffer.images.numpy().copy()
             cls.histories[name] = model.fit(cls.images, cls.labels, batch_size=64, epochs=4,
@@ -133,6 +147,17 @@ class TrainingTest(testing.TestCase):
             self.assertTrue(np.isfinite(history[key]).all(), (key, history[key]))
         self.assertEqual(history["diverged"], [0.0] * 4)
         self.assertEqual(int(model.optimizer.iterations), 16)
+
+    @testing.parameterized.named_parameters(*[(name, name) for name in MODEL_CLASSES])
+    def test_train_step_traced_once(self, name):
+        # 16 steps over 4 epochs: one trace, no retracing (a retrace per step would cost
+        # seconds each on a real backbone).
+        self.assertEqual(self.traces[name]["train_step"], 1)
+        if name == "jem":
+            # The 3-step sampler is a tf.while_loop: one backbone graph for its body plus the
+            # loss's three passes (labelled batch, likelihood batch, samples); a
+            # Python-unrolled sampler would add 2 more.
+            self.assertLessEqual(self.traces[name]["backbone"], 4)
 
     @testing.parameterized.named_parameters(*[(name, name) for name in MODEL_CLASSES])
     def test_buffer_written_during_training(self, name):
