@@ -72,9 +72,9 @@ class BenchConfigTest(testing.TestCase):
 
 
 class BenchCliTest(testing.TestCase):
-    # Two `tools.bench` worker processes, about 35 s: large. The tracing guard it also checks
-    # (one train_step trace, backbone graphs per trace) runs in the default suite in
-    # tests/test_models.py (TrainingTest.test_train_step_traced_once).
+    # Two `tools.bench` worker processes, about 35 s: large. Its first tracing check (one
+    # train_step trace) also runs in the default suite, in tests/test_models.py
+    # (TrainingTest.test_train_step_traced_once); the backbone graphs per trace only here.
     @pytest.mark.large
     def test_tiny_run_writes_json_lines_and_table(self):
         # The driver (`tools.bench.main`) runs in this process, which already imported
