@@ -13,16 +13,9 @@ from keras_jem import sampling
 from keras_jem.models.energy_model import Batch
 from keras_jem.optimizers import SAM
 from tests import testing
+from tools import bench
 
 MODEL_CLASSES = {"jem": keras_jem.JEM, "jempp": keras_jem.JEMPP, "sadajem": keras_jem.SADAJEM}
-
-
-def _counting(function, counts, key):
-    def wrapper(*args, **kwargs):
-        counts[key] += 1
-        return function(*args, **kwargs)
-
-    return wrapper
 
 
 def _cross_entropy(model, images, labels):
@@ -127,8 +120,7 @@ class TrainingTest(testing.TestCase):
             model.compile(optimizer=keras.optimizers.Adam(1e-2))
             # Python calls of train_step happen only while tracing.
             cls.traces[name] = counts = {"train_step": 0}
-            object.__setattr__(model, "train_step",
-                               _counting(model.train_step, counts, "train_step"))
+            bench._count_calls(model, "train_step", counts, "train_step")
             cls.ce_before[name] = _cross_entropy(model, cls.images, cls.labels)
             cls.buffers_before[name] = model.buffer.images.numpy().copy()
             cls.histories[name] = model.fit(cls.images, cls.labels, batch_size=64, epochs=4,
