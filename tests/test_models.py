@@ -83,6 +83,35 @@ class ValidationTest(testing.TestCase):
             for after, before in zip(model.get_weights(), weights):
                 self.assertAllEqual(after, before)
 
+    def test_paper_defaults(self):
+        # The papers' settings (ALGORITHMS.md sections 1-3), written out by hand.
+        expected = {
+            keras_jem.JEM: (sampling.SGLD, {"num_steps": 20, "step_size": 1.0,
+                                            "noise_scale": 0.01}, "uniform", False, None),
+            keras_jem.JEMPP: (sampling.ProximalSGLD, {"num_steps": 10, "inner_steps": 5,
+                                                      "step_size": 0.2, "gradient_clip": 1.0},
+                              "gaussian_mixture", True, None),
+            keras_jem.SADAJEM: (sampling.SGLD, {"num_steps": 5, "step_size": 1.0,
+                                                "noise_scale": 0.0, "gradient_clip": 1.0},
+                                "gaussian_mixture", True, (2.0, True)),
+        }
+        for cls, (sampler_class, sampler_settings, buffer_init, training_mode, sam) in (
+                expected.items()):
+            model = cls(backbone=testing.small_cnn(), num_classes=10)
+            self.assertIs(type(model.sampler), sampler_class, cls.__name__)
+            config = model.sampler.get_config()
+            for key, value in sampler_settings.items():
+                self.assertEqual(config[key], value, f"{cls.__name__} sampler {key}")
+            if cls is not keras_jem.JEM:
+                self.assertEqual(tuple(config["clip_range"]), (-1.0, 1.0), cls.__name__)
+            self.assertEqual(model.buffer_init, buffer_init, cls.__name__)
+            self.assertEqual(model.sample_in_training_mode, training_mode, cls.__name__)
+            if sam is None:
+                self.assertIsNone(model.sam, cls.__name__)
+            else:
+                self.assertEqual((model.sam.rho, model.sam.adaptive), sam)
+        self.assertEqual(keras_jem.SADAJEM(testing.small_cnn(), 10).divergence_threshold, 1e5)
+
     def test_labels_required(self):
         model = testing.make_model(buffer_size=20)
         model.compile(optimizer="adam")

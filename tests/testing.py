@@ -92,11 +92,11 @@ def make_model(cls=None, image_shape=DIGITS_SHAPE, num_classes=NUM_CLASSES, back
     """
     cls = cls or keras_jem.models.JEM
     if "sampler" not in kwargs:
-        if issubclass(cls, keras_jem.models.JEMPP):
-            kwargs["sampler"] = tiny_proximal()
-        elif issubclass(cls, keras_jem.models.SADAJEM):
+        if issubclass(cls, keras_jem.models.SADAJEM):  # before JEMPP, its parent
             kwargs["sampler"] = tiny_sgld(noise_scale=0.0, gradient_clip=1.0,
                                           clip_range=(-1.0, 1.0))
+        elif issubclass(cls, keras_jem.models.JEMPP):
+            kwargs["sampler"] = tiny_proximal()
         else:
             kwargs["sampler"] = tiny_sgld()
     model = cls(

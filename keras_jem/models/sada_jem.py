@@ -4,23 +4,25 @@ from typing import ClassVar
 
 import keras
 
-from keras_jem.models.jem import JEM
+from keras_jem import sampling
+from keras_jem.models.jem_pp import JEMPP
 from keras_jem.optimizers.sam import SAM
 
 
 @keras.saving.register_keras_serializable(package="keras_jem")
-class SADAJEM(JEM):
-    """SADA-JEM: JEM++-style sampling, SAM over the whole loss, clean likelihood stream.
+class SADAJEM(JEMPP):
+    """SADA-JEM: JEM++ with SAM over the whole loss, plain SGLD and a clean likelihood stream.
 
-    Differences from `JEM` (ALGORITHMS.md section 3), as overridable defaults:
+    SADA-JEM keeps JEM++'s Gaussian-mixture buffer (`buffer_init="gaussian_mixture"`, call
+    `adapt_buffer` before `fit`) and its BatchNorm in training mode while sampling. Differences
+    from `JEMPP` (ALGORITHMS.md section 3), as overridable defaults:
 
     - `sam=SAM(rho=2.0, adaptive=True)` (ASAM, the reference code's default): every step is two
       forward/backward passes over the whole loss (likelihood and cross-entropy), the second at
       perturbed weights, reusing the same samples; the second pass does not update BatchNorm
       statistics.
     - `sampler=SGLD(num_steps=5, step_size=1, noise_scale=0, gradient_clip=1,
-      clip_range=(-1, 1))`, unconditional, BatchNorm in training mode while sampling.
-    - `buffer_init="gaussian_mixture"` (call `adapt_buffer` before `fit`).
+      clip_range=(-1, 1))`, unconditional, in place of JEM++'s proximal sampler.
     - `divergence_threshold=1e5`.
 
     The paper's SGD uses a coupled weight decay of 5e-4: pass it as the model's `weight_decay`
@@ -33,7 +35,7 @@ class SADAJEM(JEM):
     Args:
         backbone: a `keras_jem.backbones` layer (SADA-JEM uses `WideResNet(norm="batch")`).
         num_classes: number of classes.
-        **kwargs: any `JEM` argument.
+        **kwargs: any `JEMPP` (and so `JEM`) argument.
 
     Example (augmented cross-entropy batches of 128, clean likelihood batches of 64):
 
@@ -46,30 +48,13 @@ class SADAJEM(JEM):
     >>> model.fit(train_ds, epochs=200, steps_per_epoch=390)
     """
 
+    default_sampler_class = sampling.SGLD
     default_sampler_config: ClassVar[dict] = {
         "num_steps": 5, "step_size": 1.0, "noise_scale": 0.0, "gradient_clip": 1.0,
         "clip_range": (-1.0, 1.0)}
 
-    def __init__(
-        self,
-        backbone,
-        num_classes,
-        sampler=None,
-        sam="default",
-        buffer_init="gaussian_mixture",
-        sample_in_training_mode=True,
-        divergence_threshold=1e5,
-        **kwargs,
-    ):
+    def __init__(self, backbone, num_classes, sam="default", divergence_threshold=1e5, **kwargs):
         if isinstance(sam, str) and sam == "default":
             sam = SAM(rho=2.0, adaptive=True)
         super().__init__(
-            backbone,
-            num_classes,
-            sampler=sampler,
-            sam=sam,
-            buffer_init=buffer_init,
-            sample_in_training_mode=sample_in_training_mode,
-            divergence_threshold=divergence_threshold,
-            **kwargs,
-        )
+            backbone, num_classes, sam=sam, divergence_threshold=divergence_threshold, **kwargs)
