@@ -137,21 +137,57 @@ def test_presets_are_constructor_arguments():
     assert (cifar["norm"], cifar["buffer_uniform_fraction"]) == ("batch", 0.0)
 
 
+def _with_default(monkeypatch, cls, name, value):
+    """Gives `cls`'s constructor argument `name` the default `value` (through its signature)."""
+    signature = inspect.signature(cls)
+    changed = signature.replace(parameters=[
+        p.replace(default=value) if p.name == name else p
+        for p in signature.parameters.values()])
+    monkeypatch.setattr(cls, "__signature__", changed, raising=False)
+
+
 def test_constructor_defaults_are_not_repeated_in_the_presets(monkeypatch):
+    import keras_jem
     from keras_jem import sampling
 
-    # A default a constructor owns comes from its signature: change it there, the flag follows.
-    signature = inspect.signature(sampling.ProximalSGLD)
-    changed = signature.replace(parameters=[
-        p.replace(default=7) if p.name == "inner_steps" else p
-        for p in signature.parameters.values()])
-    monkeypatch.setattr(sampling.ProximalSGLD, "__signature__", changed, raising=False)
+    # A default a class owns comes from that class: change it there, the flag follows, for
+    # every model that uses it.
+    _with_default(monkeypatch, sampling.ProximalSGLD, "inner_steps", 7)
     assert presets.resolve("jem", "digits")["inner_steps"] == 7
-    assert presets.resolve("jempp", "digits")["inner_steps"] == 5  # JEM++'s own preset
+    assert presets.resolve("jempp", "cifar10")["inner_steps"] == 7
+    _with_default(monkeypatch, keras_jem.IGEBM, "energy_l2_weight", 2.0)
+    assert presets.resolve("igebm", "cifar10")["energy_l2_weight"] == 2.0
+    _with_default(monkeypatch, keras_jem.SADAJEM, "divergence_threshold", 3e4)
+    assert presets.resolve("sadajem", "cifar10")["divergence_threshold"] == 3e4
+    monkeypatch.setattr(keras_jem.SADAJEM, "default_sampler_config",
+                        {"num_steps": 9, "noise_scale": 0.0})
+    monkeypatch.setattr(keras_jem.SADAJEM, "default_sam_config", {"rho": 1.5})
+    sada = presets.resolve("sadajem", "cifar10")
+    assert (sada["num_steps"], sada["sampler_noise"], sada["clip_samples"]) == (9, 0.0, False)
+    assert (sada["sam_rho"], sada["sam_adaptive"]) == (1.5, False)
     for name, flag in presets.FLAGS.items():
         if flag.source:
             assert flag.key not in presets.COMMON.get(flag.section, {}), name
 
+
+def test_no_preset_repeats_the_layer_below():
+    # Each setting is stated once: a preset that gives the value the layers below it already
+    # give (the classes' defaults, COMMON, the model's "*", its dataset family) repeats it.
+    repeats = []
+    for model, table in presets.PRESETS.items():
+        layers = {None: presets.defaults(model)}
+        # "*", then families, then datasets, then "<family or dataset>:<mode>".
+        for key in sorted(table, key=lambda k: (k != "*", ":" in k,
+                                                presets.DATASET_FAMILIES.get(k, k) != k)):
+            dataset = key.split(":")[0]
+            family = presets.DATASET_FAMILIES.get(dataset, dataset)
+            parents = [dataset, family, "*", None] if ":" in key else [family, "*", None]
+            under = next(layers[p] for p in parents if p in layers and p != key)
+            values = presets._flatten(table[key])
+            repeats += [(model, key, name) for name, value in values.items()
+                        if under[name] == value]
+            layers[key] = {**under, **values}
+    assert repeats == []
 
 def test_flat_presets_in_the_older_format_still_resolve(monkeypatch):
     nested = {"run": {"epochs": 3}, "model": {"buffer_size": 500},

@@ -84,7 +84,8 @@ class ValidationTest(testing.TestCase):
                 self.assertAllEqual(after, before)
 
     def test_paper_defaults(self):
-        # The papers' settings (ALGORITHMS.md sections 1-3), written out by hand.
+        # The papers' settings (ALGORITHMS.md sections 1-4), written out by hand; IGEBM's are
+        # in test_igebm.
         expected = {
             keras_jem.JEM: (sampling.SGLD, {"num_steps": 20, "step_size": 1.0,
                                             "noise_scale": 0.01}, "uniform", False, None),
@@ -111,6 +112,22 @@ class ValidationTest(testing.TestCase):
             else:
                 self.assertEqual((model.sam.rho, model.sam.adaptive), sam)
         self.assertEqual(keras_jem.SADAJEM(testing.small_cnn(), 10).divergence_threshold, 1e5)
+        # GMMC (ALGORITHMS.md 4): 20 latent-target steps of size 1, latent noise 0.001.
+        gmmc = keras_jem.GMMC(testing.small_cnn(feature_dim=9), 10).sampler.get_config()
+        self.assertEqual((gmmc["num_steps"], gmmc["step_size"], gmmc["latent_noise"]),
+                         (20, 1.0, 0.001))
+
+    def test_default_sampler_config_lists_only_differences(self):
+        # A method states only where its sampler differs from the sampler class's defaults,
+        # so that each default lives in one place.
+        import inspect
+
+        for cls in (keras_jem.JEM, keras_jem.JEMPP, keras_jem.SADAJEM, keras_jem.GMMC,
+                    keras_jem.IGEBM):
+            parameters = inspect.signature(cls.default_sampler_class).parameters
+            for key, value in cls.default_sampler_config.items():
+                self.assertIn(key, parameters, cls.__name__)
+                self.assertNotEqual(value, parameters[key].default, f"{cls.__name__} {key}")
 
     def test_labels_required(self):
         model = testing.make_model(buffer_size=20)

@@ -19,7 +19,9 @@ A preset is a dict of sections, each holding the keyword arguments of what it co
 `COMMON` (the trainer's choices for every model), the model's `"*"`, its dataset family
 (`DATASET_FAMILIES`: "digits", "cifar"), its dataset name, then for GMMC the training mode
 (`"<family>:<mode>"`, `"<dataset>:<mode>"`), and last the user's flags. A default that a
-constructor owns is read from its signature, never repeated here.
+class owns is read from that class, never repeated here (`defaults`): the model class's
+signature, its `default_sampler_class` / `default_sampler_config` and `default_sam_config`,
+the other constructors' signatures. No preset repeats the layer below it either.
 
 To add a dataset: map it to a family in `DATASET_FAMILIES` (its own name starts a new family)
 and give each model a preset under that key, e.g.
@@ -68,9 +70,8 @@ COMMON = {
     "sam": {"rho": 0.0},
 }
 
-MODELS = ("softmax", "jem", "jempp", "sadajem", "gmmc", "igebm")
-
-_CIFAR_WRN = {"name": "wrn", "depth": 28, "width": 10}
+# WideResNet's own defaults are the papers' WRN-28-10 without normalisation.
+_CIFAR_WRN = {"name": "wrn"}
 
 PRESETS = {
     "softmax": {
@@ -82,28 +83,22 @@ PRESETS = {
                   "optimizer": {"name": "sgd", "learning_rate": 0.1,
                                 "decay_epochs": "60,120,160", "decay_factor": 0.2}},
     },
-    # JEM: ALGORITHMS.md 1.5.
+    # JEM: ALGORITHMS.md 1.5. The model and sampler settings are `JEM`'s and `SGLD`'s own
+    # defaults (buffer 10000, restarts 0.05, 20 steps of size 1, noise 0.01), the optimizer
+    # COMMON's Adam at 1e-4.
     "jem": {
-        "*": {"model": {"buffer_size": 10000, "reinit_probability": 0.05},
-              "sampler": {"name": "sgld", "num_steps": 20, "step_size": 1.0,
-                          "noise_scale": 0.01},
-              "data": {"noise_scale": 0.03, "test_noise_scale": 0.03}},
+        "*": {"data": {"noise_scale": 0.03, "test_noise_scale": 0.03}},
         "digits": {"run": {"epochs": 40}, "model": {"buffer_size": 2000},
-                   "sampler": {"num_steps": 20},
-                   "data": {"noise_scale": 0.03, "test_noise_scale": 0.0},
+                   "data": {"test_noise_scale": 0.0},
                    "optimizer": {"learning_rate": 3e-3, "warmup_steps": 100}},
-        "cifar": {"run": {"epochs": 200}, "backbone": dict(_CIFAR_WRN, norm=None),
+        "cifar": {"run": {"epochs": 200}, "backbone": _CIFAR_WRN,
                   "data": {"num_validation": 5000},
-                  "optimizer": {"name": "adam", "learning_rate": 1e-4, "warmup_steps": 1000,
-                                "decay_epochs": "160,180", "decay_factor": 0.3}},
+                  "optimizer": {"warmup_steps": 1000, "decay_epochs": "160,180"}},
     },
-    # JEM++: ALGORITHMS.md 2.
+    # JEM++: ALGORITHMS.md 2. The buffer init, BatchNorm mode and proximal sampler are
+    # `JEMPP`'s own defaults.
     "jempp": {
-        "*": {"model": {"buffer_init": "gaussian_mixture", "sample_in_training_mode": True},
-              "sampler": {"name": "proximal", "num_steps": 10, "inner_steps": 5,
-                          "step_size": 0.2, "noise_scale": 0.0, "gradient_clip": 1.0,
-                          "clip_range": (-1.0, 1.0)},
-              "backbone": {"norm": "batch"}, "data": {"noise_scale": 0.03}},
+        "*": {"backbone": {"norm": "batch"}, "data": {"noise_scale": 0.03}},
         # On 8x8 digits the clipped proximal steps overshoot and the data energy runs away
         # without an energy penalty (the JEM authors' remedy, JEM issue #4). GroupNorm and half
         # the restarts from noise: see _DENSITY below.
@@ -113,38 +108,33 @@ PRESETS = {
                    "optimizer": {"learning_rate": 1e-3, "warmup_steps": 100}},
         "cifar": {"run": {"epochs": 150}, "backbone": _CIFAR_WRN,
                   "model": {"weight_decay": 4e-4}, "data": {"num_validation": 5000},
-                  "optimizer": {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9,
-                                "warmup_steps": 1000, "decay_epochs": "50,100,125",
-                                "decay_factor": 0.2}},
+                  "optimizer": {"name": "sgd", "learning_rate": 0.1, "warmup_steps": 1000,
+                                "decay_epochs": "50,100,125", "decay_factor": 0.2}},
     },
-    # SADA-JEM: ALGORITHMS.md 3.4.
+    # SADA-JEM: ALGORITHMS.md 3.4. The buffer init, BatchNorm mode, divergence threshold,
+    # sampler (5 clipped SGLD steps without noise) and ASAM (rho 2) are `SADAJEM`'s own
+    # defaults; the data keeps make_train_dataset's noise 0.
     "sadajem": {
-        "*": {"model": {"buffer_init": "gaussian_mixture", "sample_in_training_mode": True,
-                        "divergence_threshold": 1e5},
-              "sampler": {"name": "sgld", "num_steps": 5, "step_size": 1.0, "noise_scale": 0.0,
-                          "gradient_clip": 1.0, "clip_range": (-1.0, 1.0)},
-              "sam": {"rho": 2.0, "adaptive": True},
-              "backbone": {"norm": "batch"}, "data": {"augment_px": False, "noise_scale": 0.0}},
+        "*": {"backbone": {"norm": "batch"}, "data": {"augment_px": False}},
         # Without an energy penalty log p(x) separates digits from noise poorly here
         # (AUROC 0.93; 0.99 with it, see README). GroupNorm and noise restarts: _DENSITY below.
         "digits": {"run": {"epochs": 30}, "backbone": {"norm": "group"},
                    "model": {"buffer_size": 2000, "energy_l2_weight": 0.1,
                              "buffer_uniform_fraction": 0.5},
-                   "sam": {"rho": 0.5}, "data": {"batch_size": 64, "px_batch_size": 64},
+                   "sam": {"rho": 0.5}, "data": {"px_batch_size": 64},
                    "optimizer": {"learning_rate": 1e-3, "warmup_steps": 100}},
         "cifar": {"run": {"epochs": 200}, "backbone": _CIFAR_WRN,
                   "model": {"weight_decay": 5e-4},
-                  "data": {"batch_size": 128, "px_batch_size": 64, "num_validation": 0},
-                  "optimizer": {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9,
-                                "warmup_steps": 1000, "decay_epochs": "60,120,180",
-                                "decay_factor": 0.2}},
+                  "data": {"batch_size": 128, "px_batch_size": 64},
+                  "optimizer": {"name": "sgd", "learning_rate": 0.1, "warmup_steps": 1000,
+                                "decay_epochs": "60,120,180", "decay_factor": 0.2}},
     },
-    # GMMC: ALGORITHMS.md 4.5 (the authors' cifar10_gen.sh and cifar10_joint.sh).
+    # GMMC: ALGORITHMS.md 4.5 (the authors' cifar10_gen.sh and cifar10_joint.sh). `GMMC`'s own
+    # defaults hold the centre scale 10, beta 0.5 and the switch at epoch 50, and
+    # `LatentTargetSampler`'s its 20 steps of size 1 with latent noise 0.001; the trainer trains
+    # jointly (the class's default mode is discriminative). GMMC's sampler adds no image noise.
     "gmmc": {
-        "*": {"model": {"mode": "joint", "center_scale": 10.0, "beta": 0.5,
-                        "start_generative": 50},
-              "sampler": {"latent_noise": 0.001, "inject": False, "num_steps": 20,
-                          "step_size": 1.0, "clip_range": (-1.0, 1.0), "noise_scale": 0.0},
+        "*": {"model": {"mode": "joint"}, "sampler": {"noise_scale": 0.0},
               "data": {"noise_scale": 0.03}},
         # Digits: a small buffer and 40 steps give every chain enough updates to look like a
         # digit; joint turns the generative loss on after 5 discriminative epochs. beta 1.0
@@ -152,26 +142,22 @@ PRESETS = {
         "digits": {"run": {"epochs": 50}, "model": {"buffer_size": 500, "start_generative": 5},
                    "sampler": {"num_steps": 40},
                    "optimizer": {"learning_rate": 1e-3, "warmup_steps": 100}},
-        "cifar": {"backbone": dict(_CIFAR_WRN, norm=None), "data": {"num_validation": 5000},
-                  "optimizer": {"name": "adam", "learning_rate": 1e-4, "warmup_steps": 1000}},
+        "cifar": {"backbone": _CIFAR_WRN, "data": {"num_validation": 5000},
+                  "optimizer": {"warmup_steps": 1000}},
         "cifar:generative": {"run": {"epochs": 100},
                              "model": {"buffer_size": 100000, "reinit_probability": 0.025,
                                        "start_generative": 0},
-                             "sampler": {"num_steps": 20},
-                             "optimizer": {"decay_epochs": "30,50,80", "decay_factor": 0.3}},
-        "cifar:joint": {"run": {"epochs": 150},
-                        "model": {"buffer_size": 50000, "reinit_probability": 0.05,
-                                  "start_generative": 50},
+                             "optimizer": {"decay_epochs": "30,50,80"}},
+        "cifar:joint": {"run": {"epochs": 150}, "model": {"buffer_size": 50000},
                         "sampler": {"num_steps": 50},
-                        "optimizer": {"decay_epochs": "30,50,80,100,120", "decay_factor": 0.3}},
+                        "optimizer": {"decay_epochs": "30,50,80,100,120"}},
         # The authors' cifar10_dis.sh calls a script missing from their repository; these are
         # the defaults of their train_gmmc.py.
         "cifar:discriminative": {"run": {"epochs": 150}, "backbone": {"norm": "batch"},
                                  "model": {"buffer_size": 100}, "data": {"noise_scale": 0.0},
                                  "optimizer": {"name": "sgd", "learning_rate": 0.03,
-                                               "momentum": 0.9, "warmup_steps": 0,
-                                               "decay_epochs": "50,80,100,120",
-                                               "decay_factor": 0.3}},
+                                               "warmup_steps": 0,
+                                               "decay_epochs": "50,80,100,120"}},
     },
     # IGEBM: ALGORITHMS.md 5.2-5.3 and the official code (openai/ebm_code_release). On CIFAR the
     # conditional ResNet32 (128-256-256, 2 blocks per stage); the unconditional ResNet32Large is
@@ -183,18 +169,12 @@ PRESETS = {
     # The buffer is the official train.py's: a class-agnostic FIFO of the latest samples in
     # 8 bits (they continue under the batch's labels; its train.py holds 50000, the paper 10000);
     # the optimizer is the official clipped Adam.
+    # The model, sampler and SNResNet settings above are `IGEBM`'s, `IGEBM.default_sampler_config`
+    # and `SNResNet`'s own defaults; the trainer adds the conditional energy, the optimizer and
+    # the data.
     "igebm": {
-        "*": {"backbone": {"conditional": True, "filters": 64, "num_blocks": 1,
-                           "pooling": "sum"},
-              "model": {"buffer_size": 10000, "reinit_probability": 0.05,
-                        "energy_l2_weight": 1.0, "sample_in_training_mode": None,
-                        "buffer_type": "fifo"},
-              "sampler": {"name": "sgld", "num_steps": 60, "step_size": 40.0,
-                          "noise_scale": 0.01, "gradient_clip": 0.005,
-                          "clip_range": (-1.0, 1.0), "noise_first": True},
-              "optimizer": {"name": "clipped_adam", "learning_rate": 3e-4, "beta_1": 0.0,
-                            "beta_2": 0.999},
-              "data": {"augment": "none", "augment_px": False, "noise_scale": 0.0}},
+        "*": {"optimizer": {"name": "clipped_adam", "learning_rate": 3e-4, "beta_1": 0.0},
+              "data": {"augment": "none", "augment_px": False}},
         "digits": {"run": {"epochs": 30}, "backbone": {"filters": 32},
                    "model": {"buffer_size": 1000}, "sampler": {"num_steps": 20},
                    "optimizer": {"learning_rate": 1e-3}},
@@ -228,8 +208,7 @@ def _fashion_mnist(**sections):
     preset = {
         "run": {"epochs": 6, "steps_per_epoch": 200},
         "backbone": {"name": "wrn", "depth": 10, "width": 1},
-        "optimizer": {"name": "adam", "learning_rate": 1e-3, "warmup_steps": 200,
-                      "decay_epochs": "5", "decay_factor": 0.3},
+        "optimizer": {"learning_rate": 1e-3, "warmup_steps": 200, "decay_epochs": "5"},
     }
     for section, values in sections.items():
         preset[section] = {**preset.get(section, {}), **values}
@@ -305,30 +284,79 @@ CONVERSIONS = {
 _BY_KEY = {(flag.section, flag.key): name for name, flag in FLAGS.items()}
 
 
-def _source_default(flag):
-    """The default of `flag` in the signature of the class that owns it."""
-    import importlib
+def _signature_default(target, key):
+    """`(True, default)` of argument `key` of class `target`, or `(False, None)`.
 
-    module, name = flag.source.split(":")
-    target = getattr(importlib.import_module(module), name)
-    # A class may take the argument through **kwargs from a base class (JEM's `weight_decay`
-    # belongs to EnergyModel): the first class of the MRO that names it holds the default.
+    A class may take the argument through **kwargs from a base class (JEM's `weight_decay`
+    belongs to EnergyModel): the first class of the MRO that names it holds the default.
+    """
     for owner in getattr(target, "__mro__", (target,)):
         try:
             parameters = inspect.signature(owner).parameters
         except (TypeError, ValueError):  # a builtin base without a signature
             continue
-        if flag.key in parameters:
-            return parameters[flag.key].default
-    raise KeyError(f"{flag.source} takes no argument {flag.key!r} (flag source of {flag})")
+        if key in parameters:
+            return True, parameters[key].default
+    return False, None
 
 
-def defaults():
-    """Flag values before any preset: the constructors' defaults, then `COMMON`."""
+def _source_default(flag):
+    """The default of `flag` in the signature of the class that owns it."""
+    import importlib
+
+    module, name = flag.source.split(":")
+    found, default = _signature_default(getattr(importlib.import_module(module), name), flag.key)
+    if not found:
+        raise KeyError(f"{flag.source} takes no argument {flag.key!r} (flag source of {flag})")
+    return default
+
+
+def _model_defaults(model):
+    """The flag values that the class of `model` owns, e.g. JEM++'s buffer init and sampler.
+
+    Read from the class itself: its constructor's signature ("model" flags), its
+    `default_sampler_class` and `default_sampler_config` ("sampler" flags) and its
+    `default_sam_config` ("sam" flags), so that a method's default lives in its model file only.
+    """
+    from keras_jem import sampling
+    from trainers import factory
+
+    cls = factory.model_class(model)
+    sampler_class = cls.default_sampler_class
+    values = {"sampler": "proximal" if issubclass(sampler_class, sampling.ProximalSGLD)
+              else "sgld"}
+    if cls.default_sam_config is not None:
+        values["sam_rho"] = cls.default_sam_config["rho"]
+    for name, flag in FLAGS.items():
+        if flag.section == "model":
+            found, value = _signature_default(cls, flag.key)
+        elif flag.section == "sampler" and flag.key in cls.default_sampler_config:
+            found, value = True, cls.default_sampler_config[flag.key]
+        elif flag.section == "sampler":
+            found, value = _signature_default(sampler_class, flag.key)
+        elif flag.section == "sam" and flag.key in (cls.default_sam_config or {}):
+            found, value = True, cls.default_sam_config[flag.key]
+        else:
+            found = False
+        if found:
+            values[name] = value
+    return values
+
+
+def defaults(model=None):
+    """Flag values before any preset: the constructors' defaults, and `COMMON` for the rest.
+
+    Args:
+        model: a key of `PRESETS`: the flags its class owns (`_model_defaults`) take that
+            class's defaults. Every other flag (all of them with None) takes the default of its
+            `Flag.source` class, or else `COMMON`'s.
+    """
+    owned = {} if model is None else _model_defaults(model)
     values = {name: _source_default(flag) for name, flag in FLAGS.items() if flag.source}
+    values.update(owned)
     values = {name: CONVERSIONS[name][0](v) if name in CONVERSIONS else v
               for name, v in values.items()}
-    values.update(_flatten(COMMON))
+    values.update({name: v for name, v in _flatten(COMMON).items() if name not in owned})
     return {name: values[name] for name in FLAGS}
 
 
@@ -336,8 +364,9 @@ def complete(config):
     """`config` (e.g. an older run's `config.json`) with every flag it lacks at its default.
 
     A flag added after a run was made has the default that keeps the old behaviour, so a
-    setting missing from an older `config.json` is the one that run had; the presets are not
-    used here (they may have changed since).
+    setting missing from an older `config.json` is the one that run had; neither the presets
+    nor the model classes' own defaults are used here (they may have changed since: IGEBM's
+    `buffer_type` default became "fifo" after runs made with the persistent buffer).
     """
     return {**defaults(), **config}
 
@@ -395,7 +424,7 @@ def resolve(model, dataset, overrides=None):
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "mode" in overrides:
         overrides["mode"] = MODE_ALIASES.get(overrides["mode"], overrides["mode"])
-    config = defaults()
+    config = defaults(model)
     for owner, names in MODEL_SETTINGS.items():
         if owner != model:
             owned = _flatten(PRESETS[owner].get("*", {}))

@@ -64,8 +64,8 @@ class EnergyModel(SamplingAPI, keras.Model):
     Args:
         backbone: a Keras layer or model mapping images to `(batch, features)`.
         num_classes: number of classes (None: the method has no labels).
-        sampler: a `keras_jem.sampling.Sampler` (None: `default_sampler_class(
-            **default_sampler_config)`).
+        sampler: a `keras_jem.sampling.Sampler` (None: the method's own,
+            `default_sampler_class(**default_sampler_config)`).
         buffer_size: number of persistent chains (or of stored samples, `buffer_type="fifo"`).
         buffer_type: `"persistent"` (`keras_jem.sampling.ReplayBuffer`: chains continued and
             written back in place, JEM's) or `"fifo"` (`keras_jem.sampling.FIFOReplayBuffer`:
@@ -82,16 +82,21 @@ class EnergyModel(SamplingAPI, keras.Model):
         energy_l2_weight: weight of the L2 penalty on energies.
         sample_in_training_mode: run the sampler with `training=True`.
         divergence_threshold: magnitude of loss or energies reported as `diverged`.
-        sam: optional `keras_jem.optimizers.SAM` (two passes per step).
+        sam: a `keras_jem.optimizers.SAM` (two passes per step) or None; `"default"`:
+            `SAM(**default_sam_config)` for a method that sets one (SADA-JEM), else None.
         weight_decay: coupled L2 weight decay (see `add_coupled_weight_decay`).
         seed: seed of the sampler's noise and buffer draws.
         sequential_passes: differentiate the loss one network pass at a time.
         **kwargs: base `keras.Model` arguments.
     """
 
+    #: The method's sampler: `default_sampler_class` with the settings in which the method
+    #: differs from that class's own defaults (JEM's are `SGLD`'s, so JEM adds none). The
+    #: trainers read them from here (`trainers.presets.defaults`); keep each default in one place.
     default_sampler_class = sampling.SGLD
-    default_sampler_config: ClassVar[dict] = {
-        "num_steps": 20, "step_size": 1.0, "noise_scale": 0.01}
+    default_sampler_config: ClassVar[dict] = {}
+    #: `SAM` arguments of the method's default sharpness-aware step (None: no SAM).
+    default_sam_config: ClassVar[dict | None] = None
     #: Loss terms of the training logs, in log order.
     tracked_terms = ("loss",)
     #: Terms whose magnitude above `divergence_threshold` counts as divergence.
@@ -120,7 +125,7 @@ class EnergyModel(SamplingAPI, keras.Model):
         energy_l2_weight=0.0,
         sample_in_training_mode=False,
         divergence_threshold=1e8,
-        sam=None,
+        sam="default",
         weight_decay=0.0,
         seed=None,
         sequential_passes=True,
@@ -176,6 +181,9 @@ class EnergyModel(SamplingAPI, keras.Model):
         self.energy_l2_weight = float(energy_l2_weight)
         self.sample_in_training_mode = bool(sample_in_training_mode)
         self.divergence_threshold = float(divergence_threshold)
+        if isinstance(sam, str) and sam == "default":
+            sam = None if self.default_sam_config is None else sam_lib.SAM(
+                **self.default_sam_config)
         self.sam = sam_lib.deserialize(sam)
         self.weight_decay = float(weight_decay)
         self.seed = seed

@@ -1,6 +1,5 @@
 """GMMC: the generative Max-Mahalanobis classifier (Yang et al., ECML 2021)."""
 
-from typing import ClassVar
 
 import keras
 import numpy as np
@@ -163,8 +162,8 @@ class GMMC(EnergyModel):
         center_scale: norm of the class centres (GMMC `mu_c`: 10).
         beta: weight of the sample energy in the generative loss (0.5).
         start_generative: epoch at which `"joint"` switches to the generative loss (50).
-        sampler: a `keras_jem.sampling.Sampler` (default
-            `LatentTargetSampler(num_steps=20, step_size=1, latent_noise=0.001)`).
+        sampler: a `keras_jem.sampling.Sampler` (default `LatentTargetSampler()`: 20 steps of
+            size 1, latent noise 0.001).
         buffer_size: number of persistent chains, a multiple of `num_classes` (CIFAR-10:
             100000 generative, 50000 joint).
         reinit_probability: chain restart probability (generative 0.025, joint 0.05).
@@ -184,7 +183,6 @@ class GMMC(EnergyModel):
     """
 
     default_sampler_class = LatentTargetSampler
-    default_sampler_config: ClassVar[dict] = {"num_steps": 20, "step_size": 1.0, "latent_noise": 0.001}
     config_names = EnergyModel.config_names + ("mode", "center_scale", "beta",
                                                "start_generative")
     tracked_terms = ("loss", "loss_mmc", "energy_data", "energy_samples", "loss_ce")

@@ -99,9 +99,11 @@ class IGEBM(EnergyModel):
     >>> three_and_eight = model.compose([3, 8], num_samples=16)
     """
 
+    # The official sampler on [0, 1] (step 10, clip 0.01, noise 0.005) rescaled to [-1, 1]; the
+    # noise, 0.01, is SGLD's own default.
     default_sampler_config: ClassVar[dict] = {
-        "num_steps": 60, "step_size": 40.0, "noise_scale": 0.01, "gradient_clip": 0.005,
-        "clip_range": (-1.0, 1.0), "noise_first": True}
+        "num_steps": 60, "step_size": 40.0, "gradient_clip": 0.005, "clip_range": (-1.0, 1.0),
+        "noise_first": True}
 
     config_names = tuple(
         name for name in EnergyModel.config_names if name != "num_classes"

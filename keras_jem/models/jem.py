@@ -1,6 +1,5 @@
 """JEM: a classifier reinterpreted as an energy-based model (Grathwohl et al., ICLR 2020)."""
 
-from typing import ClassVar
 
 import keras
 import tensorflow as tf
@@ -84,8 +83,8 @@ class JEM(EnergyModel):
     >>> digits_of_3 = model.sample(y=[3] * 16)        # class-conditional
     """
 
-    default_sampler_config: ClassVar[dict] = {"num_steps": 20, "step_size": 1.0, "noise_scale": 0.01}
-
+    # The sampler is EnergyModel's: SGLD, whose own defaults are JEM's (20 steps of size 1,
+    # noise 0.01).
     config_names = EnergyModel.config_names + (
         "conditional_sampling", "px_weight", "pyx_weight", "pxy_weight", "ce_classes")
     tracked_terms = ("loss", "loss_ce", "loss_px", "loss_pxy", "energy_data", "energy_samples")

@@ -1,7 +1,5 @@
 """JEM++ (Yang & Ji, ICCV 2021): informative init, proximal sampler, BatchNorm."""
 
-from typing import ClassVar
-
 import keras
 
 from keras_jem import sampling
@@ -42,10 +40,8 @@ class JEMPP(JEM):
     >>> model.fit(train_ds, epochs=150, steps_per_epoch=703)
     """
 
+    # ProximalSGLD's own defaults are the paper's (M=10, N=5, step 0.2, clip 1, x in [-1, 1]).
     default_sampler_class = sampling.ProximalSGLD
-    default_sampler_config: ClassVar[dict] = {
-        "num_steps": 10, "inner_steps": 5, "step_size": 0.2, "gradient_clip": 1.0,
-        "clip_range": (-1.0, 1.0)}
 
     def __init__(
         self,

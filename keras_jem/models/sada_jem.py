@@ -6,7 +6,6 @@ import keras
 
 from keras_jem import sampling
 from keras_jem.models.jem_pp import JEMPP
-from keras_jem.optimizers.sam import SAM
 
 
 @keras.saving.register_keras_serializable(package="keras_jem")
@@ -50,11 +49,9 @@ class SADAJEM(JEMPP):
 
     default_sampler_class = sampling.SGLD
     default_sampler_config: ClassVar[dict] = {
-        "num_steps": 5, "step_size": 1.0, "noise_scale": 0.0, "gradient_clip": 1.0,
-        "clip_range": (-1.0, 1.0)}
+        "num_steps": 5, "noise_scale": 0.0, "gradient_clip": 1.0, "clip_range": (-1.0, 1.0)}
+    default_sam_config: ClassVar[dict] = {"rho": 2.0, "adaptive": True}
 
-    def __init__(self, backbone, num_classes, sam="default", divergence_threshold=1e5, **kwargs):
-        if isinstance(sam, str) and sam == "default":
-            sam = SAM(rho=2.0, adaptive=True)
-        super().__init__(
-            backbone, num_classes, sam=sam, divergence_threshold=divergence_threshold, **kwargs)
+    def __init__(self, backbone, num_classes, divergence_threshold=1e5, **kwargs):
+        super().__init__(backbone, num_classes, divergence_threshold=divergence_threshold,
+                         **kwargs)
