@@ -169,6 +169,9 @@ class TrainingTest(testing.TestCase):
             bench._count_calls(model, "train_step", counts, "train_step")
             cls.ce_before[name] = _cross_entropy(model, cls.images, cls.labels)
             cls.buffers_before[name] = model.buffer.images.numpy().copy()
+            # Python calls of the backbone while fit traces train_step: one per network pass.
+            counts["backbone"] = 0
+            bench._count_calls(model.backbone, "call_from_stem", counts, "backbone")
             cls.histories[name] = model.fit(cls.images, cls.labels, batch_size=64, epochs=4,
                                             verbose=0).history
             cls.models[name] = model
@@ -190,6 +193,11 @@ class TrainingTest(testing.TestCase):
         # 16 steps over 4 epochs: one trace, no retracing (a retrace per step would cost
         # seconds each on a real backbone).
         self.assertEqual(self.traces[name]["train_step"], 1)
+        # The traced step runs the backbone once per pass, with the sampler's steps inside one
+        # tf.while_loop body: data and samples, plus the sampler's body (3); SADA-JEM's SAM
+        # repeats the two loss passes at the perturbed weights (5). An unrolled sampler loop
+        # would add one call per step.
+        self.assertEqual(self.traces[name]["backbone"], {"jem": 3, "jempp": 3, "sadajem": 5}[name])
 
     @testing.parameterized.named_parameters(*[(name, name) for name in MODEL_CLASSES])
     def test_buffer_written_during_training(self, name):
