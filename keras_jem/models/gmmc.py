@@ -1,6 +1,5 @@
 """GMMC: the generative Max-Mahalanobis classifier (Yang et al., ECML 2021)."""
 
-
 import keras
 import numpy as np
 import tensorflow as tf

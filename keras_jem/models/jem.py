@@ -1,6 +1,5 @@
 """JEM: a classifier reinterpreted as an energy-based model (Grathwohl et al., ICLR 2020)."""
 
-
 import keras
 import tensorflow as tf
 

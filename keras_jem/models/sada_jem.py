@@ -34,7 +34,9 @@ class SADAJEM(JEMPP):
     Args:
         backbone: a `keras_jem.backbones` layer (SADA-JEM uses `WideResNet(norm="batch")`).
         num_classes: number of classes.
-        **kwargs: any `JEMPP` (and so `JEM`) argument.
+        divergence_threshold: loss or energy magnitude reported as `diverged` (the paper's
+            guard, 1e5).
+        **kwargs: any `JEMPP` (and so `JEM`) argument, e.g. `sam=None` to train without SAM.
 
     Example (augmented cross-entropy batches of 128, clean likelihood batches of 64):
 
