@@ -189,6 +189,21 @@ def test_no_preset_repeats_the_layer_below():
             layers[key] = {**under, **values}
     assert repeats == []
 
+def test_sampler_names_build_their_classes(monkeypatch):
+    from keras_jem import sampling
+    from trainers import factory
+
+    built = {name: type(factory.build_sampler(presets.resolve("jem", "digits",
+                                                              {"sampler": name})))
+             for name in ("sgld", "proximal")}
+    assert built == {"sgld": sampling.SGLD, "proximal": sampling.ProximalSGLD}
+    assert presets.resolve("jempp", "digits")["sampler"] == "proximal"
+    assert presets.resolve("gmmc", "digits")["sampler"] == "sgld"  # unused by GMMC
+    monkeypatch.setitem(presets.PRESETS["jem"], "*", {"sampler": {"name": "langevin"}})
+    with pytest.raises(factory.ConfigError, match="one of sgld, proximal. Received: 'langevin'"):
+        factory.build_sampler(presets.resolve("jem", "digits"))
+
+
 def test_flat_presets_in_the_older_format_still_resolve(monkeypatch):
     nested = {"run": {"epochs": 3}, "model": {"buffer_size": 500},
               "sampler": {"num_steps": 7, "clip_range": (-1.0, 1.0)},

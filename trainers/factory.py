@@ -11,10 +11,15 @@ Example:
 >>> model = factory.build_model(config, num_classes=10)  # doctest: +SKIP
 """
 
+import inspect
+
 from trainers import presets
 
 #: The `--optimizer` choices.
 OPTIMIZERS = ("adam", "clipped_adam", "sgd")
+#: The `--sampler` choices: the `keras_jem.sampling` class each names (GMMC always uses its
+#: `LatentTargetSampler`).
+SAMPLERS = {"sgld": "SGLD", "proximal": "ProximalSGLD"}
 
 
 class ConfigError(ValueError):
@@ -41,17 +46,12 @@ def build_sampler(config):
             f"--noise_first applies to the SGLD sampler only; {used} has no such option. "
             "Drop --noise_first, or use --sampler sgld."
         )
-    if config["model"] == "gmmc":
-        cls = sampling.LatentTargetSampler
-        keys = ("num_steps", "step_size", "latent_noise", "inject", "clip_range")
-    elif name == "proximal":
-        cls = sampling.ProximalSGLD
-        keys = ("num_steps", "inner_steps", "step_size", "gradient_clip", "clip_range",
-                "noise_scale")
-    else:
-        cls = sampling.SGLD
-        keys = ("num_steps", "step_size", "noise_scale", "gradient_clip", "clip_range",
-                "noise_first")
+    if config["model"] != "gmmc" and name not in SAMPLERS:
+        raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}. Received: {name!r}")
+    cls = (sampling.LatentTargetSampler if config["model"] == "gmmc"
+           else getattr(sampling, SAMPLERS[name]))
+    # The section holds every sampler's settings; the class takes those its signature names.
+    keys = [key for key in inspect.signature(cls).parameters if key in kwargs]
     return _constructed(f"--sampler {name} ({cls.__name__})", cls,
                         **{key: kwargs[key] for key in keys})
 

@@ -17,6 +17,7 @@ import argparse
 from trainers import presets
 from trainers import runtime
 from trainers.factory import OPTIMIZERS
+from trainers.factory import SAMPLERS
 from trainers.factory import ConfigError
 from trainers.factory import parse_epochs
 
@@ -24,7 +25,7 @@ from trainers.factory import parse_epochs
 CHOICES = {
     "backbone": ("small_cnn", "wrn"),
     "optimizer": OPTIMIZERS,
-    "sampler": ("sgld", "proximal"),
+    "sampler": tuple(SAMPLERS),
     "jit_compile": ("auto", "true", "false"),
     "strategy": ("default", "mirrored", "multi_worker", "tpu"),
     "mixed_precision": ("none", "mixed_bfloat16", "mixed_float16"),

@@ -318,13 +318,14 @@ def _model_defaults(model):
     `default_sampler_class` and `default_sampler_config` ("sampler" flags) and its
     `default_sam_config` ("sam" flags), so that a method's default lives in its model file only.
     """
-    from keras_jem import sampling
     from trainers import factory
 
     cls = factory.model_class(model)
     sampler_class = cls.default_sampler_class
-    values = {"sampler": "proximal" if issubclass(sampler_class, sampling.ProximalSGLD)
-              else "sgld"}
+    names = {class_name: name for name, class_name in factory.SAMPLERS.items()}
+    values = {}
+    if sampler_class.__name__ in names:  # else (GMMC) the flag is unused: COMMON's
+        values["sampler"] = names[sampler_class.__name__]
     if cls.default_sam_config is not None:
         values["sam_rho"] = cls.default_sam_config["rho"]
     for name, flag in FLAGS.items():
