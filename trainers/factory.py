@@ -56,6 +56,60 @@ def build_sampler(config):
                         **{key: kwargs[key] for key in keys})
 
 
+# The backbone flags each backbone reads (IGEBM always builds an SNResNet).
+BACKBONE_FLAGS = {
+    "small_cnn": ("backbone", "norm", "dropout_rate"),
+    "wrn": ("backbone", "depth", "width", "norm", "dropout_rate"),
+    "igebm": ("conditional", "sn_filters", "sn_num_blocks", "sn_pooling", "dropout_rate"),
+}
+
+
+def unused_flags(config, names):
+    """The flags among `names` that the run of `config` would not read, each with why.
+
+    A flag the chosen model, sampler or backbone takes no argument for would otherwise be
+    ignored without a word (e.g. `--px_weight` for IGEBM, `--inner_steps` for SGLD).
+
+    Args:
+        config: a resolved config (`presets.resolve`).
+        names: flag names, e.g. those the user gave.
+
+    Returns:
+        A list of messages, one per unused flag (empty when every flag is read).
+    """
+    from keras_jem import sampling
+
+    model = config["model"]
+    if model == "gmmc":
+        sampler, sampler_name = sampling.LatentTargetSampler, "GMMC's latent-target sampler"
+    else:
+        sampler = getattr(sampling, SAMPLERS.get(config["sampler"], "SGLD"))
+        sampler_name = f"--sampler {config['sampler']} ({sampler.__name__})"
+    backbone = "igebm" if model == "igebm" else config["backbone"]
+    sampler_arguments = inspect.signature(sampler).parameters
+    messages = []
+    for name in names:
+        flag = presets.FLAGS.get(name)
+        if flag is None:
+            continue
+        if flag.section == "model" and flag.key not in presets.MODEL_ARGUMENTS[model]:
+            messages.append(f"--{name} does not apply to --model {model}.")
+        elif flag.section == "sampler" and name == "sampler" and model == "gmmc":
+            messages.append("--sampler does not apply to --model gmmc, which always uses its "
+                            "latent-target sampler.")
+        elif (flag.section == "sampler" and name != "sampler"
+              and flag.key not in sampler_arguments):
+            messages.append(f"--{name} does not apply to {sampler_name}, which takes no "
+                            f"`{flag.key}`.")
+        elif flag.section == "backbone" and name not in BACKBONE_FLAGS.get(backbone, (name,)):
+            what = ("--model igebm (always an SNResNet)" if backbone == "igebm"
+                    else f"--backbone {backbone}")
+            messages.append(f"--{name} does not apply to {what}.")
+        elif flag.section == "sam" and name != "sam_rho" and not config["sam_rho"]:
+            messages.append(f"--{name} does not apply without SAM: give --sam_rho > 0 too.")
+    return messages
+
+
 def build_sam(config):
     """`keras_jem.optimizers.SAM` of the "sam" section, or None when its radius is 0."""
     from keras_jem.optimizers import SAM

@@ -20,6 +20,7 @@ from trainers.factory import OPTIMIZERS
 from trainers.factory import SAMPLERS
 from trainers.factory import ConfigError
 from trainers.factory import parse_epochs
+from trainers.factory import unused_flags
 
 # The trainer's own choices; the constructors check their arguments themselves.
 CHOICES = {
@@ -94,6 +95,10 @@ def resolve_config(argv=None):
                 f"{args.model}."
             )
     config = presets.resolve(args.model, args.dataset, overrides)
+    unused = unused_flags(config, overrides)
+    if unused:
+        raise ConfigError(" ".join(unused) + " Drop the flag, or choose a model, sampler or "
+                          "backbone that reads it.")
     validate(config)
     return config, args.print_config
 
