@@ -56,7 +56,8 @@ def build_sampler(config):
                         **{key: kwargs[key] for key in keys})
 
 
-# The backbone flags each backbone reads (IGEBM always builds an SNResNet).
+# The backbone flags each backbone reads (IGEBM always builds an SNResNet): `build_backbone`
+# passes their settings, `unused_flags` refuses the others.
 BACKBONE_FLAGS = {
     "small_cnn": ("backbone", "norm", "dropout_rate"),
     "wrn": ("backbone", "depth", "width", "norm", "dropout_rate"),
@@ -121,25 +122,26 @@ def build_sam(config):
 
 
 def build_backbone(config, num_classes=None):
-    """The backbone of `config`: IGEBM's SNResNet, or SmallCNN / WideResNet by name."""
+    """The backbone of `config`: IGEBM's SNResNet, or SmallCNN / WideResNet by name.
+
+    Each class gets the settings of its `BACKBONE_FLAGS` (the flags `unused_flags` accepts).
+    """
     from keras_jem import backbones
 
     kwargs = presets.sections(config)["backbone"]
-    name = kwargs.pop("name")
-    if config["model"] == "igebm":
-        conditional = kwargs.pop("conditional")
-        if conditional and num_classes is None:
+    backbone = "igebm" if config["model"] == "igebm" else kwargs["name"]
+    if backbone not in BACKBONE_FLAGS:
+        raise ConfigError(f"--backbone must be one of small_cnn, wrn. Received: {backbone!r}")
+    arguments = {presets.FLAGS[flag].key: kwargs[presets.FLAGS[flag].key]
+                 for flag in BACKBONE_FLAGS[backbone] if flag not in ("backbone", "conditional")}
+    if backbone == "igebm":
+        if kwargs["conditional"] and num_classes is None:
             raise ValueError("A conditional IGEBM backbone needs the number of classes.")
         return _constructed("the IGEBM backbone (SNResNet)", backbones.SNResNet,
-                            filters=kwargs["filters"], num_blocks=kwargs["num_blocks"],
-                            num_classes=num_classes if conditional else None,
-                            dropout_rate=kwargs["dropout_rate"], pooling=kwargs["pooling"])
-    if name == "wrn":
-        return _constructed("--backbone wrn (WideResNet)", backbones.WideResNet,
-                            depth=kwargs["depth"], width=kwargs["width"], norm=kwargs["norm"],
-                            dropout_rate=kwargs["dropout_rate"])
-    return _constructed("--backbone small_cnn (SmallCNN)", backbones.SmallCNN,
-                        norm=kwargs["norm"], dropout_rate=kwargs["dropout_rate"])
+                            num_classes=num_classes if kwargs["conditional"] else None,
+                            **arguments)
+    cls = {"small_cnn": backbones.SmallCNN, "wrn": backbones.WideResNet}[backbone]
+    return _constructed(f"--backbone {backbone} ({cls.__name__})", cls, **arguments)
 
 
 def model_class(name):
