@@ -20,6 +20,9 @@ OPTIMIZERS = ("adam", "clipped_adam", "sgd")
 #: The `--sampler` choices: the `keras_jem.sampling` class each names (GMMC always uses its
 #: `LatentTargetSampler`).
 SAMPLERS = {"sgld": "SGLD", "proximal": "ProximalSGLD"}
+#: The `--backbone` choices: the `keras_jem.backbones` class each names (IGEBM always builds an
+#: `SNResNet`); `BACKBONE_FLAGS` lists the flags each reads.
+BACKBONES = {"small_cnn": "SmallCNN", "wrn": "WideResNet"}
 
 
 class ConfigError(ValueError):
@@ -131,7 +134,8 @@ def build_backbone(config, num_classes=None):
     kwargs = presets.sections(config)["backbone"]
     backbone = "igebm" if config["model"] == "igebm" else kwargs["name"]
     if backbone not in BACKBONE_FLAGS:
-        raise ConfigError(f"--backbone must be one of small_cnn, wrn. Received: {backbone!r}")
+        raise ConfigError(
+            f"--backbone must be one of {', '.join(BACKBONES)}. Received: {backbone!r}")
     arguments = {presets.FLAGS[flag].key: kwargs[presets.FLAGS[flag].key]
                  for flag in BACKBONE_FLAGS[backbone] if flag not in ("backbone", "conditional")}
     if backbone == "igebm":
@@ -140,7 +144,7 @@ def build_backbone(config, num_classes=None):
         return _constructed("the IGEBM backbone (SNResNet)", backbones.SNResNet,
                             num_classes=num_classes if kwargs["conditional"] else None,
                             **arguments)
-    cls = {"small_cnn": backbones.SmallCNN, "wrn": backbones.WideResNet}[backbone]
+    cls = getattr(backbones, BACKBONES[backbone])
     return _constructed(f"--backbone {backbone} ({cls.__name__})", cls, **arguments)
 
 

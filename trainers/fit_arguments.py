@@ -16,6 +16,7 @@ import argparse
 
 from trainers import presets
 from trainers import runtime
+from trainers.factory import BACKBONES
 from trainers.factory import OPTIMIZERS
 from trainers.factory import SAMPLERS
 from trainers.factory import ConfigError
@@ -24,7 +25,7 @@ from trainers.factory import unused_flags
 
 # The trainer's own choices; the constructors check their arguments themselves.
 CHOICES = {
-    "backbone": ("small_cnn", "wrn"),
+    "backbone": tuple(BACKBONES),
     "optimizer": OPTIMIZERS,
     "sampler": tuple(SAMPLERS),
     "jit_compile": ("auto", "true", "false"),
