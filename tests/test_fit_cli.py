@@ -202,6 +202,7 @@ def test_no_preset_repeats_the_layer_below():
             layers[key] = {**under, **values}
     assert repeats == []
 
+
 def test_sampler_names_build_their_classes(monkeypatch):
     from keras_jem import sampling
     from trainers import factory

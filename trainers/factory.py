@@ -37,9 +37,22 @@ def _constructed(description, constructor, **kwargs):
         raise ConfigError(f"{description}: {error}") from error
 
 
+def sampler_class(config):
+    """The `keras_jem.sampling` class `config` builds (GMMC: `LatentTargetSampler`)."""
+    from keras_jem import sampling
+
+    if config["model"] == "gmmc":
+        return sampling.LatentTargetSampler
+    return getattr(sampling, SAMPLERS.get(config["sampler"], "SGLD"))
+
+
+def _backbone_key(config):
+    """The `BACKBONE_FLAGS` key of `config`: "igebm" (always an SNResNet) or `--backbone`."""
+    return "igebm" if config["model"] == "igebm" else config["backbone"]
+
+
 def build_sampler(config):
     """The sampler of `config` (GMMC: the latent-target sampler)."""
-    from keras_jem import sampling
 
     kwargs = presets.sections(config)["sampler"]
     name = kwargs.pop("name")
@@ -51,8 +64,7 @@ def build_sampler(config):
         )
     if config["model"] != "gmmc" and name not in SAMPLERS:
         raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}. Received: {name!r}")
-    cls = (sampling.LatentTargetSampler if config["model"] == "gmmc"
-           else getattr(sampling, SAMPLERS[name]))
+    cls = sampler_class(config)
     # The section holds every sampler's settings; the class takes those its signature names.
     keys = [key for key in inspect.signature(cls).parameters if key in kwargs]
     return _constructed(f"--sampler {name} ({cls.__name__})", cls,
@@ -81,22 +93,22 @@ def unused_flags(config, names):
     Returns:
         A list of messages, one per unused flag (empty when every flag is read).
     """
-    from keras_jem import sampling
-
     model = config["model"]
-    if model == "gmmc":
-        sampler, sampler_name = sampling.LatentTargetSampler, "GMMC's latent-target sampler"
-    else:
-        sampler = getattr(sampling, SAMPLERS.get(config["sampler"], "SGLD"))
-        sampler_name = f"--sampler {config['sampler']} ({sampler.__name__})"
-    backbone = "igebm" if model == "igebm" else config["backbone"]
+    sampler = sampler_class(config)
+    sampler_name = ("GMMC's latent-target sampler" if model == "gmmc"
+                    else f"--sampler {config['sampler']} ({sampler.__name__})")
+    backbone = _backbone_key(config)
     sampler_arguments = inspect.signature(sampler).parameters
+    owners = {name: owner for owner, owned in presets.MODEL_SETTINGS.items() for name in owned}
     messages = []
     for name in names:
         flag = presets.FLAGS.get(name)
         if flag is None:
             continue
-        if flag.section == "model" and flag.key not in presets.MODEL_ARGUMENTS[model]:
+        if owners.get(name, model) != model:
+            messages.append(f"--{name} only applies to --model {owners[name]}. Received: "
+                            f"--model {model}.")
+        elif flag.section == "model" and flag.key not in presets.MODEL_ARGUMENTS[model]:
             messages.append(f"--{name} does not apply to --model {model}.")
         elif flag.section == "sampler" and name == "sampler" and model == "gmmc":
             messages.append("--sampler does not apply to --model gmmc, which always uses its "
@@ -132,7 +144,7 @@ def build_backbone(config, num_classes=None):
     from keras_jem import backbones
 
     kwargs = presets.sections(config)["backbone"]
-    backbone = "igebm" if config["model"] == "igebm" else kwargs["name"]
+    backbone = _backbone_key(config)
     if backbone not in BACKBONE_FLAGS:
         raise ConfigError(
             f"--backbone must be one of {', '.join(BACKBONES)}. Received: {backbone!r}")

@@ -88,13 +88,6 @@ def resolve_config(argv=None):
         k: v for k, v in vars(args).items()
         if k not in ("model", "dataset", "print_config", "tf_logs") and v is not None
     }
-    for owner, names in presets.MODEL_SETTINGS.items():
-        given = [f"--{name}" for name in names if name in overrides]
-        if given and args.model != owner:
-            raise ConfigError(
-                f"{', '.join(given)} only applies to --model {owner}. Received: --model "
-                f"{args.model}."
-            )
     config = presets.resolve(args.model, args.dataset, overrides)
     unused = unused_flags(config, overrides)
     if unused:
